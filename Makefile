@@ -1,0 +1,47 @@
+# `make demo` and `make test` are the two commands a fresh Linux machine needs (see README).
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# CUDA sources are compiled everywhere (CI too) so they cannot rot; they run only on a GPU.
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+export SPARSEQ_BUILD_CUDA ?= auto
+PYTEST_ARGS ?=
+
+DEPS_STAMP := $(VENV)/.deps-2.14.1
+EXT_STAMP := build/.ext-stamp
+EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+.PHONY: demo test test-all build bench clean
+
+$(DEPS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade "setuptools>=64" wheel
+	$(VPY) -m pip install -q torch==2.14.1 triton==3.8.0 numpy ninja pytest pytest-benchmark
+	touch $@
+
+# Only what changed is recompiled: ninja keeps the objects under build/.
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(VPY) setup.py -q build_ext --inplace
+	SPARSEQ_BUILD_EXT=0 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p build && touch $@
+
+build: $(EXT_STAMP)
+
+demo: build
+	$(VENV)/bin/sparseq info
+	$(VENV)/bin/sparseq bench int8 --quick --json bench/results/demo-int8.json
+
+# The whole suite with the compiled kernels, then again on the pure-PyTorch reference path.
+test: build
+	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	SPARSEQ_SKIP_EXT=1 $(VPY) -m pytest -q -m "not slow and not ext_only" $(PYTEST_ARGS)
+
+test-all: build
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(VENV)/bin/sparseq bench int8 --json bench/results/int8-cpu.json
+
+clean:
+	rm -rf build sparseq/_C*.so *.egg-info

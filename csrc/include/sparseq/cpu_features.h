@@ -1,0 +1,40 @@
+#pragma once
+// Run-time CPU feature detection: kernels pick their AVX2 path only when the CPU has it, so a
+// wheel built anywhere runs everywhere. SPARSEQ_DISABLE_AVX2=1 forces the portable path
+// (tests use it to cover both).
+#include <cstdlib>
+#include <map>
+#include <string>
+
+namespace sparseq {
+
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has && !env_flag("SPARSEQ_DISABLE_AVX2");
+#else
+  return false;
+#endif
+}
+
+inline std::map<std::string, bool> cpu_features_dict() {
+  std::map<std::string, bool> f;
+#if defined(__x86_64__) || defined(_M_X64)
+  f["avx2"] = __builtin_cpu_supports("avx2");
+  f["fma"] = __builtin_cpu_supports("fma");
+  f["avx512f"] = __builtin_cpu_supports("avx512f");
+  f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
+#if defined(__GNUC__) && __GNUC__ >= 11
+  f["avxvnni"] = __builtin_cpu_supports("avxvnni");
+#endif
+#endif
+  f["avx2_kernels_enabled"] = cpu_has_avx2_fma();
+  return f;
+}
+
+}  // namespace sparseq

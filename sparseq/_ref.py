@@ -1,0 +1,74 @@
+"""Pure-PyTorch references for every sparseq op.
+
+They define what each kernel must compute (the tests' oracle) and are the fallback when the
+compiled extension is absent. Integer results are exact; float results follow the same steps
+as the kernels (fp32 accumulation of exact int32 sums, then scales, then bias).
+"""
+from __future__ import annotations
+
+import torch
+
+PACK_N = 16
+PACK_K = 4
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a int8 [M,K] @ b int8 [N,K].T -> int32 [M,N], exact."""
+    # int64 matmul is exact and supported on every device; the result fits int32 for K < 2^17.
+    return (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.int32)
+
+
+def pack_n16k4(w: torch.Tensor) -> torch.Tensor:
+    """int8 [N,K] -> n16k4 layout [ceil(N/16), ceil(K/4), 16, 4] (see csrc/include/sparseq/packed_int8.h)."""
+    n, k = w.shape
+    nb, kq = -(-n // PACK_N), -(-k // PACK_K)
+    padded = torch.zeros(nb * PACK_N, kq * PACK_K, dtype=w.dtype, device=w.device)
+    padded[:n, :k] = w
+    return padded.view(nb, PACK_N, kq, PACK_K).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_n16k4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of pack_n16k4: n16k4 layout -> int8 [n, k]."""
+    nb, kq = packed.shape[:2]
+    return packed.permute(0, 2, 1, 3).reshape(nb * PACK_N, kq * PACK_K)[:n, :k].contiguous()
+
+
+def quantize_per_row(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization: q = round_half_even(x * (qmax / absmax)) in [-qmax, qmax].
+
+    Returns (q int8 [M,K], scale float32 [M]) with x ~= q * scale[:, None]. A row of zeros gets
+    scale 1 and q = 0. Every kernel quantizes activations with exactly these fp32 steps.
+    """
+    xf = x.float()
+    absmax = xf.abs().amax(dim=1)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    inv = torch.full_like(absmax, float(qmax)) / absmax
+    q = torch.round(xf * inv[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q, absmax / qmax
+
+
+def dequant_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    out = acc.float() * (x_scale[:, None] * w_scale[None, :])
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                w_rowsum: torch.Tensor, bias: torch.Tensor | None, act_qmax: int) -> torch.Tensor:
+    """W8A8 dynamic linear on an n16k4-packed weight; see csrc/ops.cpp for the contract."""
+    n, k = w_scale.shape[0], x.shape[1]
+    q, x_scale = quantize_per_row(x, act_qmax)
+    acc = int8_gemm(q, unpack_n16k4(w_packed, n, k))
+    return dequant_epilogue(acc, x_scale, w_scale, bias, x.dtype)
+
+
+def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = w_scale.shape[0], x.shape[1]
+    w = unpack_n16k4(w_packed, n, k).float() * w_scale[:, None]
+    out = x.float() @ w.T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
