@@ -35,7 +35,7 @@ demo: build
 # The whole suite with the compiled kernels, then again on the pure-PyTorch reference path.
 test: build
 	$(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
-	SPARSEQ_SKIP_EXT=1 $(VPY) -m pytest -q -m "not slow and not ext_only" $(PYTEST_ARGS)
+	SPARSEQ_SKIP_EXT=1 $(VPY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: build
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
