@@ -55,15 +55,16 @@ def _check_int8_2d(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
 
 
-def _check_activation(x: torch.Tensor, k: int) -> None:
+def _check_activation(x: torch.Tensor, in_features: Optional[int]) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.shape[1] != k:
-        raise ValueError(f"x has K={x.shape[1]} features but the weight expects in_features={k}")
+    # The n16k4 layout pads K to a multiple of 4, so only the caller knows K exactly.
+    if in_features is not None and x.shape[1] != in_features:
+        raise ValueError(f"x has K={x.shape[1]} features but the weight expects in_features={in_features}")
 
 
 def _check_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
@@ -102,10 +103,11 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None
 
 def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                 w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127,
-                *, backend: Optional[str] = None) -> torch.Tensor:
+                *, in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """W8A8 dynamic linear: per-row symmetric activation quantization to [-act_qmax, act_qmax],
-    int8 GEMM with the n16k4-packed weight, dequantization and bias, fused. x is [M, K]."""
-    _check_activation(x, x.shape[1] if x.dim() == 2 else -1)
+    int8 GEMM with the n16k4-packed weight, dequantization and bias, fused. x is [M, K];
+    pass in_features to have K checked exactly (the packed shape only knows ceil(K/4))."""
+    _check_activation(x, in_features)
     _check_packed(x, w_packed, w_scale, bias)
     if act_qmax not in (63, 127):
         raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
@@ -121,10 +123,10 @@ def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-                            bias: Optional[torch.Tensor] = None, *,
+                            bias: Optional[torch.Tensor] = None, *, in_features: Optional[int] = None,
                             backend: Optional[str] = None) -> torch.Tensor:
     """Weight-only int8 linear (W8A16/W8A32): float x [M,K] times the dequantized packed weight."""
-    _check_activation(x, x.shape[1] if x.dim() == 2 else -1)
+    _check_activation(x, in_features)
     _check_packed(x, w_packed, w_scale, bias)
     which = _resolve_backend(backend, x.device)
     if which == "ext":
