@@ -1,0 +1,4 @@
+"""Quantization passes over whole models."""
+from .quantize import SCHEMES, quantize_
+
+__all__ = ["SCHEMES", "quantize_"]
