@@ -89,7 +89,11 @@ class _PackedInt8Linear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects in_features={self.in_features} in the "
                              f"last dimension, got input of shape {tuple(x.shape)}")
-        out = self._linear_2d(x.reshape(-1, self.in_features).contiguous())
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        if torch.is_grad_enabled() and x2d.requires_grad:
+            out = _GradThroughFrozenWeight.apply(x2d, self)
+        else:
+            out = self._linear_2d(x2d)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
@@ -110,6 +114,23 @@ class _PackedInt8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}{self._extra_repr_options()}, "
                 f"backend={self.backend or 'auto'}, packed_bytes={self.packed_weight().nbytes}")
+
+
+class _GradThroughFrozenWeight(torch.autograd.Function):
+    """Gradient with respect to the input through the frozen int8 weight: grad_x = grad_out @ W,
+    W the dequantized weight. Exact for the weight-only layer; for W8A8 the activation rounding is
+    passed straight through (its true derivative is zero almost everywhere, which would silently
+    stop training of anything upstream, e.g. adapters). The weight and bias get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, layer: _PackedInt8Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._linear_2d(x2d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.layer.packed_weight().unpack()
+        return (grad_out.float() @ weight).to(grad_out.dtype), None
 
 
 class Int8Linear(_PackedInt8Linear):

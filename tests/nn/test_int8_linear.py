@@ -228,3 +228,17 @@ class TestBadInputs:
             Int8Linear.from_dense(linear, backend="tpu")
         with pytest.raises(ValueError, match="positive"):
             Int8Linear(0, 8)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_gradient_goes_through_the_dequantized_weight(kind, dtype):
+    make, _ = LAYERS[kind]
+    layer = make(gaussian_linear(48, 24))
+    x = gaussian_input(2, 5, 48).to(dtype).requires_grad_()
+    grad_out = gaussian_input(2, 5, 24, seed=7).to(dtype)
+    layer(x).backward(grad_out)
+    assert x.grad.dtype == dtype
+    expected = (grad_out.float() @ layer.to_dense().weight).to(dtype)
+    torch.testing.assert_close(x.grad, expected)
+    assert all(not b.requires_grad for b in layer.buffers())
