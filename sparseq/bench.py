@@ -175,7 +175,7 @@ def candidates(linear: nn.Linear, device: torch.device) -> Tuple[List[Candidate]
     torch_int8, why_not = _torch_dynamic_int8(linear)
     if torch_int8 is not None:
         cands.append(Candidate(TORCH_INT8, "torch", torch_int8, torch.float32))
-    elif device.type == "cpu":
+    else:
         notes.append(why_not)
     act_dtype = torch.float32
     if device.type == "cuda":

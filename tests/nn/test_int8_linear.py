@@ -1,3 +1,4 @@
+import copy
 import io
 
 import pytest
@@ -242,3 +243,19 @@ def test_input_gradient_goes_through_the_dequantized_weight(kind, dtype):
     expected = (grad_out.float() @ layer.to_dense().weight).to(dtype)
     torch.testing.assert_close(x.grad, expected)
     assert all(not b.requires_grad for b in layer.buffers())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("kind", LAYERS)
+def test_cuda_layer_matches_cpu_layer(kind):
+    make, floor = LAYERS[kind]
+    linear = gaussian_linear(256, 96)
+    layer = make(linear)
+    x = gaussian_input(33, 256)
+    on_gpu = copy.deepcopy(layer).to("cuda")
+    assert {b.device.type for b in on_gpu.buffers()} == {"cuda"}
+    out = on_gpu(x.cuda().bfloat16())
+    assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
+    assert sqnr_db(linear(x), out.float().cpu()) >= floor - 3  # bf16 input rounding costs a little
+    torch.testing.assert_close(on_gpu(x.cuda()).cpu(), layer(x), rtol=1e-4, atol=1e-4)
