@@ -168,7 +168,8 @@ def _torch_dynamic_int8(linear: nn.Linear) -> Tuple[Optional[nn.Module], str]:
         return None, f"{TORCH_INT8}: unavailable ({exc})"
 
 
-def candidates(linear: nn.Linear, device: torch.device) -> Tuple[List[Candidate], List[str]]:
+def candidates(linear: nn.Linear, device: torch.device,
+               allow_reference: bool = False) -> Tuple[List[Candidate], List[str]]:
     """Everything timed for one weight on ``device``, baselines first; plus notes on what is not."""
     notes: List[str] = []
     cands = [Candidate(FP32, "torch", linear, torch.float32)]
@@ -186,9 +187,13 @@ def candidates(linear: nn.Linear, device: torch.device) -> Tuple[List[Candidate]
     compiled = ops.ext_supports(device)
     backend = device.type if compiled else "reference"
     if not compiled:
-        notes.append(f"sparseq's compiled kernels are not available for {device} "
-                     f"({sparseq.EXT_ERROR or 'built without them'}): sparseq rows time the "
-                     "pure-PyTorch reference, not a kernel")
+        missing = (f"sparseq's compiled kernels are not available for {device} "
+                   f"({sparseq.EXT_ERROR or 'built without them'})")
+        if not allow_reference:
+            notes.append(f"{missing}: sparseq rows skipped (allow_reference / --allow-reference "
+                         "times the slow pure-PyTorch reference instead)")
+            return cands, notes
+        notes.append(f"{missing}: sparseq rows time the pure-PyTorch reference, not a kernel")
     cands += [
         Candidate("sparseq Int8Linear (a8)", backend, Int8Linear.from_dense(linear, act_bits=8), act_dtype),
         Candidate("sparseq Int8Linear (a7)", backend, Int8Linear.from_dense(linear, act_bits=7), act_dtype),
@@ -217,9 +222,11 @@ def _num_threads(threads: Optional[int]):
 
 def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, int]] = FULL_KN,
                device: str | torch.device = "cpu", threads: Optional[int] = None,
-               repeats: int = FULL_REPEATS, warmup: int = FULL_WARMUP, seed: int = 0) -> dict:
+               repeats: int = FULL_REPEATS, warmup: int = FULL_WARMUP, seed: int = 0,
+               allow_reference: bool = False) -> dict:
     """Time every candidate for each (K, N) weight and each M; return {"machine", "settings",
-    "rows", "notes"}. Each row has ms and, per available baseline, speedup_vs_<baseline> =
+    "rows", "notes"}. Without compiled kernels for ``device`` the sparseq rows are left out
+    unless ``allow_reference`` (the reference is orders of magnitude slower). Each row has ms and, per available baseline, speedup_vs_<baseline> =
     baseline ms / row ms (above 1: faster than the baseline)."""
     device = torch.device(device)
     rows: List[dict] = []
@@ -228,7 +235,7 @@ def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, 
         torch.manual_seed(seed)
         for k, n in kn_values:
             linear = nn.Linear(k, n, device=device)
-            cands, cand_notes = candidates(linear, device)
+            cands, cand_notes = candidates(linear, device, allow_reference)
             notes += [note for note in cand_notes if note not in notes]
             for m in m_values:
                 x = torch.randn(m, k, device=device)

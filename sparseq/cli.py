@@ -72,7 +72,8 @@ def _cmd_bench_int8(args: argparse.Namespace) -> int:
         kn_values=args.kn or (bench.QUICK_KN if args.quick else bench.FULL_KN),
         device=args.device, threads=args.threads,
         repeats=args.repeats or (bench.QUICK_REPEATS if args.quick else bench.FULL_REPEATS),
-        warmup=bench.QUICK_WARMUP if args.quick else bench.FULL_WARMUP)
+        warmup=bench.QUICK_WARMUP if args.quick else bench.FULL_WARMUP,
+        allow_reference=args.allow_reference)
     machine, settings = result["machine"], result["settings"]
     where = machine.get("gpu") or machine["cpu_model"]
     print(f"int8 linear on {args.device} ({where}), {settings['threads']} threads, "
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     int8.add_argument("--m", type=_int_list, metavar="M1,M2", help="row counts M (overrides --quick)")
     int8.add_argument("--kn", type=_kn_list, metavar="KxN,...", help="weight shapes (overrides --quick)")
     int8.add_argument("--repeats", type=_positive_int, metavar="N", help="timed samples per row")
+    int8.add_argument("--allow-reference", action="store_true",
+                      help="without compiled kernels, time sparseq's pure-PyTorch reference (slow) "
+                           "instead of leaving its rows out")
     int8.set_defaults(func=_cmd_bench_int8)
     return parser
 

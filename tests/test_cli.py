@@ -37,7 +37,8 @@ def tiny_quick_bench(monkeypatch):
 def test_bench_int8_quick_writes_table_and_json(tiny_quick_bench, tmp_path, capsys):
     threads_before = torch.get_num_threads()
     path = tmp_path / "results" / "int8.json"
-    assert main(["bench", "int8", "--quick", "--threads", "1", "--json", str(path)]) == 0
+    argv = ["bench", "int8", "--quick", "--threads", "1", "--allow-reference", "--json", str(path)]
+    assert main(argv) == 0
     assert torch.get_num_threads() == threads_before
 
     out = capsys.readouterr().out
@@ -69,3 +70,12 @@ def test_bench_rejects_bad_shapes(capsys):
         main(["bench", "int8", "--kn", "64by48"])
     assert exit_info.value.code == 2
     assert "KxN" in capsys.readouterr().err
+
+
+def test_bench_without_kernels_leaves_sparseq_rows_out_unless_asked(tiny_quick_bench, monkeypatch):
+    monkeypatch.setattr(bench.ops, "ext_supports", lambda device: False)
+    result = bench.bench_int8(bench.QUICK_M, bench.QUICK_KN, repeats=1, warmup=0)
+    assert {row["backend"] for row in result["rows"]} == {"torch"}
+    assert any("sparseq rows skipped" in note for note in result["notes"])
+    result = bench.bench_int8(bench.QUICK_M, bench.QUICK_KN, repeats=1, warmup=0, allow_reference=True)
+    assert "reference" in {row["backend"] for row in result["rows"]}
