@@ -1,7 +1,10 @@
 """Measurement behind `sparseq bench`: sparseq's int8 layers beside the baselines they replace.
 
-Every timing is the median of `repeats` samples after `warmup` calls, with one weight reused
-("hot": it stays in cache as far as its size allows), under torch.no_grad. On CUDA a sample is
+Every timing is the median of `repeats` samples after `warmup` calls, under torch.no_grad.
+"hot" reuses one weight (it stays in cache as far as its size allows); "cold" cycles through
+copies of it that together exceed twice the last-level cache, as the layers of a real model
+do (int8 weights fit a cache that fp32 ones overflow, so hot numbers flatter int8 at small M,
+where the weight read dominates). On CUDA a sample is
 `CUDA_CALLS_PER_SAMPLE` back-to-back calls between two events, so launch gaps are measured as a
 model would see them rather than one host synchronisation per call.
 """
@@ -10,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import itertools
+import math
 import os
 import platform
 import statistics
@@ -20,7 +25,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sparseq
 from . import ops
@@ -33,9 +37,10 @@ QUICK_KN = ((4096, 4096),)
 FULL_REPEATS, QUICK_REPEATS = 15, 5
 FULL_WARMUP, QUICK_WARMUP = 3, 2
 CUDA_CALLS_PER_SAMPLE = 20
+MAX_COLD_COPIES = 256
 
 FP32 = "fp32 nn.Linear"
-BF16 = "bf16 F.linear"
+BF16 = "bf16 nn.Linear"
 TORCH_INT8 = "torch dynamic int8"
 # Baselines every row is compared against, in column order.
 BASELINES = (FP32, TORCH_INT8, BF16)
@@ -147,7 +152,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
 class Candidate:
     name: str
     backend: str  # what actually runs: "torch", "cpu"/"cuda" (compiled), "triton", "reference"
-    module: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module
     dtype: torch.dtype  # activation dtype it is fed
 
 
@@ -180,8 +185,7 @@ def candidates(linear: nn.Linear, device: torch.device,
         notes.append(why_not)
     act_dtype = torch.float32
     if device.type == "cuda":
-        weight_bf16, bias_bf16 = linear.weight.to(torch.bfloat16), linear.bias.to(torch.bfloat16)
-        cands.append(Candidate(BF16, "torch", lambda x: F.linear(x, weight_bf16, bias_bf16), torch.bfloat16))
+        cands.append(Candidate(BF16, "torch", copy.deepcopy(linear).to(torch.bfloat16), torch.bfloat16))
         act_dtype = torch.bfloat16
 
     compiled = ops.ext_supports(device)
@@ -209,6 +213,29 @@ def candidates(linear: nn.Linear, device: torch.device,
     return cands, notes
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the largest CPU cache Linux reports (32 MiB when it reports none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def cold_copies(k: int, n: int, device: torch.device) -> int:
+    """How many copies of a K x N weight, at one byte per element (the smallest format timed),
+    add up to twice the last-level cache; at most MAX_COLD_COPIES, which bounds the set-up
+    for toy shapes."""
+    return min(MAX_COLD_COPIES, max(2, math.ceil(2 * last_level_cache_bytes(device) / (k * n))))
+
+
 @contextlib.contextmanager
 def _num_threads(threads: Optional[int]):
     before = torch.get_num_threads()
@@ -223,7 +250,7 @@ def _num_threads(threads: Optional[int]):
 def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, int]] = FULL_KN,
                device: str | torch.device = "cpu", threads: Optional[int] = None,
                repeats: int = FULL_REPEATS, warmup: int = FULL_WARMUP, seed: int = 0,
-               allow_reference: bool = False) -> dict:
+               allow_reference: bool = False, cold: bool = False) -> dict:
     """Time every candidate for each (K, N) weight and each M; return {"machine", "settings",
     "rows", "notes"}. Without compiled kernels for ``device`` the sparseq rows are left out
     unless ``allow_reference`` (the reference is orders of magnitude slower). Each row has ms and, per available baseline, speedup_vs_<baseline> =
@@ -236,23 +263,28 @@ def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, 
         for k, n in kn_values:
             linear = nn.Linear(k, n, device=device)
             cands, cand_notes = candidates(linear, device, allow_reference)
+            copies = cold_copies(k, n, device) if cold else 1
+            # Every candidate's module, copies times over (cold), called in turn.
+            rotations = [[c.module] + [copy.deepcopy(c.module) for _ in range(copies - 1)] for c in cands]
             notes += [note for note in cand_notes if note not in notes]
             for m in m_values:
                 x = torch.randn(m, k, device=device)
                 times: Dict[str, float] = {}
-                for cand in cands:
+                for cand, modules in zip(cands, rotations):
                     xc = x.to(cand.dtype)
-                    ms = median_ms(lambda: cand.module(xc), device, warmup, repeats)
+                    turn = itertools.cycle(modules)
+                    ms = median_ms(lambda: next(turn)(xc), device, warmup, repeats)
                     times.setdefault(cand.name, ms)
                     rows.append({"M": m, "K": k, "N": n, "impl": cand.name, "backend": cand.backend,
-                                 "dtype": str(cand.dtype).replace("torch.", ""), "ms": ms})
+                                 "dtype": str(cand.dtype).replace("torch.", ""), "ms": ms,
+                                 "weight_copies": copies})
                 for row in rows[-len(cands):]:
                     for base in BASELINES:
                         if base in times:
                             row[_speedup_key(base)] = times[base] / row["ms"]
         info = machine_info(device)
     settings = {"M": list(m_values), "KN": [list(kn) for kn in kn_values], "repeats": repeats,
-                "warmup": warmup, "weights": "hot", "statistic": "median", "threads": info["threads"]}
+                "warmup": warmup, "weights": "cold" if cold else "hot", "statistic": "median", "threads": info["threads"]}
     return {"machine": info, "settings": settings, "rows": rows, "notes": notes}
 
 

@@ -73,11 +73,11 @@ def _cmd_bench_int8(args: argparse.Namespace) -> int:
         device=args.device, threads=args.threads,
         repeats=args.repeats or (bench.QUICK_REPEATS if args.quick else bench.FULL_REPEATS),
         warmup=bench.QUICK_WARMUP if args.quick else bench.FULL_WARMUP,
-        allow_reference=args.allow_reference)
+        allow_reference=args.allow_reference, cold=args.cold)
     machine, settings = result["machine"], result["settings"]
     where = machine.get("gpu") or machine["cpu_model"]
     print(f"int8 linear on {args.device} ({where}), {settings['threads']} threads, "
-          f"median of {settings['repeats']} after {settings['warmup']} warm-up calls, hot weights")
+          f"median of {settings['repeats']} after {settings['warmup']} warm-up calls, {settings['weights']} weights")
     print("x <baseline> = baseline ms / ms: above 1 is faster than that baseline\n")
     print(bench.format_table(result["rows"]))
     for note in result["notes"]:
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     int8.add_argument("--m", type=_int_list, metavar="M1,M2", help="row counts M (overrides --quick)")
     int8.add_argument("--kn", type=_kn_list, metavar="KxN,...", help="weight shapes (overrides --quick)")
     int8.add_argument("--repeats", type=_positive_int, metavar="N", help="timed samples per row")
+    int8.add_argument("--cold", action="store_true",
+                      help="cycle through weight copies larger than twice the last-level cache "
+                           "(as a model's layers do) instead of reusing one cache-hot weight")
     int8.add_argument("--allow-reference", action="store_true",
                       help="without compiled kernels, time sparseq's pure-PyTorch reference (slow) "
                            "instead of leaving its rows out")

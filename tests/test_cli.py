@@ -79,3 +79,12 @@ def test_bench_without_kernels_leaves_sparseq_rows_out_unless_asked(tiny_quick_b
     assert any("sparseq rows skipped" in note for note in result["notes"])
     result = bench.bench_int8(bench.QUICK_M, bench.QUICK_KN, repeats=1, warmup=0, allow_reference=True)
     assert "reference" in {row["backend"] for row in result["rows"]}
+
+
+def test_bench_cold_cycles_through_weight_copies(tiny_quick_bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 64 * 48 * 2)  # -> 4 copies
+    path = tmp_path / "cold.json"
+    assert main(["bench", "int8", "--quick", "--cold", "--allow-reference", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["settings"]["weights"] == "cold"
+    assert {row["weight_copies"] for row in result["rows"]} == {4}
