@@ -201,7 +201,8 @@ def candidates(linear: nn.Linear, device: torch.device,
     cands += [
         Candidate("sparseq Int8Linear (a8)", backend, Int8Linear.from_dense(linear, act_bits=8), act_dtype),
         Candidate("sparseq Int8Linear (a7)", backend, Int8Linear.from_dense(linear, act_bits=7), act_dtype),
-        Candidate("sparseq Int8WeightOnlyLinear", backend, Int8WeightOnlyLinear.from_dense(linear), act_dtype),
+        Candidate("sparseq Int8WeightOnlyLinear", backend, Int8WeightOnlyLinear.from_dense(linear),
+                  act_dtype),
     ]
     if device.type == "cuda":
         usable, why_not = triton_status()
@@ -253,8 +254,9 @@ def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, 
                allow_reference: bool = False, cold: bool = False) -> dict:
     """Time every candidate for each (K, N) weight and each M; return {"machine", "settings",
     "rows", "notes"}. Without compiled kernels for ``device`` the sparseq rows are left out
-    unless ``allow_reference`` (the reference is orders of magnitude slower). Each row has ms and, per available baseline, speedup_vs_<baseline> =
-    baseline ms / row ms (above 1: faster than the baseline)."""
+    unless ``allow_reference`` (the reference is orders of magnitude slower). Each row has ms
+    and, per baseline measured, speedup_vs_<baseline> = baseline ms / row ms (above 1: faster).
+    ``cold`` cycles through cold_copies() copies of each module instead of reusing one."""
     device = torch.device(device)
     rows: List[dict] = []
     notes: List[str] = []
@@ -269,22 +271,23 @@ def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, 
             notes += [note for note in cand_notes if note not in notes]
             for m in m_values:
                 x = torch.randn(m, k, device=device)
-                times: Dict[str, float] = {}
+                baseline_ms: Dict[str, float] = {}
                 for cand, modules in zip(cands, rotations):
                     xc = x.to(cand.dtype)
                     turn = itertools.cycle(modules)
                     ms = median_ms(lambda: next(turn)(xc), device, warmup, repeats)
-                    times.setdefault(cand.name, ms)
+                    if cand.name in BASELINES:
+                        baseline_ms[cand.name] = ms
                     rows.append({"M": m, "K": k, "N": n, "impl": cand.name, "backend": cand.backend,
                                  "dtype": str(cand.dtype).replace("torch.", ""), "ms": ms,
                                  "weight_copies": copies})
                 for row in rows[-len(cands):]:
-                    for base in BASELINES:
-                        if base in times:
-                            row[_speedup_key(base)] = times[base] / row["ms"]
+                    for base, base_ms in baseline_ms.items():
+                        row[_speedup_key(base)] = base_ms / row["ms"]
         info = machine_info(device)
     settings = {"M": list(m_values), "KN": [list(kn) for kn in kn_values], "repeats": repeats,
-                "warmup": warmup, "weights": "cold" if cold else "hot", "statistic": "median", "threads": info["threads"]}
+                "warmup": warmup, "weights": "cold" if cold else "hot", "statistic": "median",
+                "threads": info["threads"]}
     return {"machine": info, "settings": settings, "rows": rows, "notes": notes}
 
 

@@ -49,7 +49,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("python", info["python"]),
         ("extension", "built (sparseq._C)" if info["extension_built"]
          else f"not available: {info['extension_error']} (the pure-PyTorch reference runs instead)"),
-        ("CPU", f"{info['cpu_model']} ({info['logical_cpus']} logical CPUs, torch threads {info['threads']})"),
+        ("CPU", f"{info['cpu_model']} ({info['logical_cpus']} logical CPUs, "
+                f"torch threads {info['threads']})"),
         ("CPU features", f"{features} (from {info['cpu_features_source']})"),
         ("CUDA archs compiled", ";".join(info["cuda_archs_compiled"]) or "none"),
         ("CUDA available", cuda),
@@ -77,7 +78,8 @@ def _cmd_bench_int8(args: argparse.Namespace) -> int:
     machine, settings = result["machine"], result["settings"]
     where = machine.get("gpu") or machine["cpu_model"]
     print(f"int8 linear on {args.device} ({where}), {settings['threads']} threads, "
-          f"median of {settings['repeats']} after {settings['warmup']} warm-up calls, {settings['weights']} weights")
+          f"median of {settings['repeats']} after {settings['warmup']} warm-up calls, "
+          f"{settings['weights']} weights")
     print("x <baseline> = baseline ms / ms: above 1 is faster than that baseline\n")
     print(bench.format_table(result["rows"]))
     for note in result["notes"]:
@@ -93,7 +95,8 @@ def _cmd_bench_int8(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparseq", description="sparseq: int8 and sparse kernels for PyTorch")
+    parser = argparse.ArgumentParser(prog="sparseq",
+                                     description="sparseq: int8 and sparse kernels for PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     info = commands.add_parser("info", help="versions, extension build, CPU features, CUDA and Triton",
@@ -111,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     int8.add_argument("--quick", action="store_true",
                       help="M in {1,16,128}, (K,N)=(4096,4096) only, fewer repeats")
     int8.add_argument("--json", metavar="PATH", help="also write the rows and machine info to PATH")
-    int8.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads(N) while timing")
+    int8.add_argument("--threads", type=_positive_int, metavar="N",
+                      help="torch.set_num_threads(N) while timing")
     int8.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     int8.add_argument("--m", type=_int_list, metavar="M1,M2", help="row counts M (overrides --quick)")
     int8.add_argument("--kn", type=_kn_list, metavar="KxN,...", help="weight shapes (overrides --quick)")
