@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from .._ref import PACK_K, PACK_N
 from ..formats import PackedInt8Weight
 
 _ACT_QMAX = {8: 127, 7: 63}
@@ -41,10 +40,13 @@ class _PackedInt8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
-        packed_shape = (-(-out_features // PACK_N), -(-in_features // PACK_K), PACK_N, PACK_K)
-        self.register_buffer("w_packed", torch.zeros(packed_shape, dtype=torch.int8, device=device))
-        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("w_rowsum", torch.zeros(out_features, dtype=torch.int32, device=device))
+        # A packed all-zero weight: buffers of the right shapes for load_state_dict to fill.
+        empty = PackedInt8Weight.from_int8(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+            torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("w_packed", empty.packed)
+        self.register_buffer("w_scale", empty.scale)
+        self.register_buffer("w_rowsum", empty.rowsum)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device)
                              if bias else None)
 
@@ -82,9 +84,6 @@ class _PackedInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a float32, bfloat16 or float16 input, "
-                            f"got {x.dtype}")
         # Checked here, before flattening: a reshape would silently regroup a wrong last dim.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects in_features={self.in_features} in the "
