@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import sparseq
-from sparseq.quant import quantize_
+from sparseq.quant import quantize_, sqnr_db
 
 
 def mlp(width: int, hidden: int) -> nn.Module:
@@ -48,8 +48,7 @@ def main() -> None:
 
     with torch.no_grad():
         reference, out = model(x), quantized(x)
-    sqnr = 10 * torch.log10(reference.pow(2).sum() / (reference - out).pow(2).sum())
-    print(f"output SQNR vs fp32: {sqnr:.1f} dB (max abs error {(reference - out).abs().max():.2e})")
+    print(f"output SQNR vs fp32: {sqnr_db(reference, out):.1f} dB (max abs error {(reference - out).abs().max():.2e})")
 
     fp32_ms, int8_ms = median_ms(model, x), median_ms(quantized, x)
     kernels = "compiled kernels" if sparseq.HAS_EXT else "pure-PyTorch reference (extension not built)"

@@ -6,11 +6,7 @@ import torch
 import torch.nn as nn
 
 from sparseq.nn import Int8Linear, Int8WeightOnlyLinear
-
-
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    reference, approx = reference.double(), approx.double()
-    return (10 * torch.log10(reference.pow(2).sum() / (reference - approx).pow(2).sum())).item()
+from sparseq.quant import sqnr_db
 
 
 def gaussian_linear(k: int, n: int, bias: bool = True, seed: int = 0) -> nn.Linear:

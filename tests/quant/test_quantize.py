@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from sparseq.nn import Int8Linear, Int8WeightOnlyLinear
-from sparseq.quant import quantize_
+from sparseq.quant import quantize_, sqnr_db
 
 
 class Net(nn.Module):
@@ -32,10 +32,6 @@ SWAPPED = {"embed", "mlp.0", "mlp.2", "heads.0", "heads.1.1", "by_name.gate"}
 
 def linear_names(model, cls):
     return {name for name, module in model.named_modules() if type(module) is cls}
-
-
-def sqnr_db(reference, approx):
-    return (10 * torch.log10(reference.pow(2).sum() / (reference - approx).pow(2).sum())).item()
 
 
 @pytest.mark.parametrize("scheme,cls", [("w8a8", Int8Linear), ("w8a16", Int8WeightOnlyLinear)])
@@ -105,3 +101,9 @@ def test_a_bare_linear_cannot_be_swapped_in_place():
         quantize_(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="nn.Module"):
         quantize_(torch.randn(4, 4))
+
+
+def test_sqnr_db():
+    reference = torch.tensor([3.0, -4.0])
+    assert sqnr_db(reference, reference * 1.1) == pytest.approx(20.0)
+    assert sqnr_db(reference, reference) == float("inf")
