@@ -1,0 +1,324 @@
+"""Measurement behind `sparseq bench`: sparseq's int8 layers beside the baselines they replace.
+
+Every timing is the median of `repeats` samples after `warmup` calls, under torch.no_grad.
+"hot" reuses one weight (it stays in cache as far as its size allows); "cold" cycles through
+copies of it that together exceed twice the last-level cache, as the layers of a real model
+do (int8 weights fit a cache that fp32 ones overflow, so hot numbers flatter int8 at small M,
+where the weight read dominates). On CUDA a sample is
+`CUDA_CALLS_PER_SAMPLE` back-to-back calls between two events, so launch gaps are measured as a
+model would see them rather than one host synchronisation per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import itertools
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+import sparseq
+from . import ops
+from .nn import Int8Linear, Int8WeightOnlyLinear
+
+FULL_M = (1, 16, 128, 512)
+FULL_KN = ((4096, 4096), (1024, 4096), (4096, 1024))
+QUICK_M = (1, 16, 128)
+QUICK_KN = ((4096, 4096),)
+FULL_REPEATS, QUICK_REPEATS = 15, 5
+FULL_WARMUP, QUICK_WARMUP = 3, 2
+CUDA_CALLS_PER_SAMPLE = 20
+MAX_COLD_COPIES = 256
+
+FP32 = "fp32 nn.Linear"
+BF16 = "bf16 nn.Linear"
+TORCH_INT8 = "torch dynamic int8"
+# Baselines every row is compared against, in column order.
+BASELINES = (FP32, TORCH_INT8, BF16)
+
+_PROC_CPUINFO_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f",
+                       "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "amx_int8": "amx_int8"}
+
+
+def _proc_cpuinfo() -> Dict[str, str]:
+    """First processor's fields from /proc/cpuinfo (empty where there is none)."""
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_features() -> Tuple[Dict[str, bool], str]:
+    """(feature -> present, where the answer came from): the extension's run-time CPUID check
+    when it is built, else the kernel's flags in /proc/cpuinfo."""
+    if sparseq.HAS_EXT:
+        from . import _C
+
+        return dict(_C.cpu_features()), "sparseq._C"
+    flags = set(_proc_cpuinfo().get("flags", "").split())
+    if not flags:
+        return {}, "unknown (no extension, no /proc/cpuinfo)"
+    return {name: flag in flags for name, flag in _PROC_CPUINFO_FLAGS.items()}, "/proc/cpuinfo"
+
+
+def cuda_archs() -> List[str]:
+    if not sparseq.HAS_EXT:
+        return []
+    from . import _C
+
+    return list(_C.cuda_archs())
+
+
+def triton_status() -> Tuple[bool, str]:
+    """(usable, why not) for sparseq's Triton backend."""
+    try:
+        from . import triton as sparseq_triton
+    except ImportError as exc:
+        return False, f"sparseq.triton not importable: {exc}"
+    if sparseq_triton.is_available():
+        return True, ""
+    return False, "needs triton and a CUDA GPU (or TRITON_INTERPRET=1)"
+
+
+def machine_info(device: Optional[torch.device] = None) -> dict:
+    """What a benchmark result needs beside it to be read later."""
+    features, features_source = cpu_features()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _proc_cpuinfo().get("model name") or platform.processor() or platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        # Timings on a busy machine mislead; the load says how busy it was.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_features": features,
+        "cpu_features_source": features_source,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sparseq": sparseq.__version__,
+        "extension_built": sparseq.HAS_EXT,
+        "extension_error": sparseq.EXT_ERROR,
+        "cuda_archs_compiled": cuda_archs(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+            info["gpu_capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
+    return info
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of one fn() call in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(CUDA_CALLS_PER_SAMPLE):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / CUDA_CALLS_PER_SAMPLE)
+    else:
+        for _ in range(repeats):
+            start_s = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start_s) * 1e3)
+    return statistics.median(samples)
+
+
+@dataclass
+class Candidate:
+    name: str
+    backend: str  # what actually runs: "torch", "cpu"/"cuda" (compiled), "triton", "reference"
+    module: nn.Module
+    dtype: torch.dtype  # activation dtype it is fed
+
+
+def _torch_dynamic_int8(linear: nn.Linear) -> Tuple[Optional[nn.Module], str]:
+    """torch.ao's dynamic int8 Linear (fbgemm/x86 engine), or None and why not."""
+    if linear.weight.device.type != "cpu":
+        return None, f"{TORCH_INT8}: CPU only in torch, not timed on {linear.weight.device}"
+    if torch.backends.quantized.engine == "none":
+        return None, f"{TORCH_INT8}: no quantized engine in this torch build"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(nn.Sequential(copy.deepcopy(linear)), {nn.Linear},
+                                    dtype=torch.qint8), ""
+    except (ImportError, RuntimeError) as exc:
+        return None, f"{TORCH_INT8}: unavailable ({exc})"
+
+
+def candidates(linear: nn.Linear, device: torch.device,
+               allow_reference: bool = False) -> Tuple[List[Candidate], List[str]]:
+    """Everything timed for one weight on ``device``, baselines first; plus notes on what is not."""
+    notes: List[str] = []
+    cands = [Candidate(FP32, "torch", linear, torch.float32)]
+    torch_int8, why_not = _torch_dynamic_int8(linear)
+    if torch_int8 is not None:
+        cands.append(Candidate(TORCH_INT8, "torch", torch_int8, torch.float32))
+    else:
+        notes.append(why_not)
+    act_dtype = torch.float32
+    if device.type == "cuda":
+        cands.append(Candidate(BF16, "torch", copy.deepcopy(linear).to(torch.bfloat16), torch.bfloat16))
+        act_dtype = torch.bfloat16
+
+    compiled = ops.ext_supports(device)
+    backend = device.type if compiled else "reference"
+    if not compiled:
+        missing = (f"sparseq's compiled kernels are not available for {device} "
+                   f"({sparseq.EXT_ERROR or 'built without them'})")
+        if not allow_reference:
+            notes.append(f"{missing}: sparseq rows skipped (allow_reference / --allow-reference "
+                         "times the slow pure-PyTorch reference instead)")
+            return cands, notes
+        notes.append(f"{missing}: sparseq rows time the pure-PyTorch reference, not a kernel")
+    cands += [
+        Candidate("sparseq Int8Linear (a8)", backend, Int8Linear.from_dense(linear, act_bits=8), act_dtype),
+        Candidate("sparseq Int8Linear (a7)", backend, Int8Linear.from_dense(linear, act_bits=7), act_dtype),
+        Candidate("sparseq Int8WeightOnlyLinear", backend, Int8WeightOnlyLinear.from_dense(linear),
+                  act_dtype),
+    ]
+    if device.type == "cuda":
+        usable, why_not = triton_status()
+        if usable:
+            cands.append(Candidate("sparseq Int8Linear (a8)", "triton",
+                                   Int8Linear.from_dense(linear, backend="triton"), act_dtype))
+        else:
+            notes.append(f"triton rows skipped: {why_not}")
+    return cands, notes
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the largest CPU cache Linux reports (32 MiB when it reports none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def cold_copies(k: int, n: int, device: torch.device) -> int:
+    """How many copies of a K x N weight, at one byte per element (the smallest format timed),
+    add up to twice the last-level cache; at most MAX_COLD_COPIES, which bounds the set-up
+    for toy shapes."""
+    return min(MAX_COLD_COPIES, max(2, math.ceil(2 * last_level_cache_bytes(device) / (k * n))))
+
+
+@contextlib.contextmanager
+def _num_threads(threads: Optional[int]):
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, int]] = FULL_KN,
+               device: str | torch.device = "cpu", threads: Optional[int] = None,
+               repeats: int = FULL_REPEATS, warmup: int = FULL_WARMUP, seed: int = 0,
+               allow_reference: bool = False, cold: bool = False) -> dict:
+    """Time every candidate for each (K, N) weight and each M; return {"machine", "settings",
+    "rows", "notes"}. Without compiled kernels for ``device`` the sparseq rows are left out
+    unless ``allow_reference`` (the reference is orders of magnitude slower). Each row has ms
+    and, per baseline measured, speedup_vs_<baseline> = baseline ms / row ms (above 1: faster).
+    ``cold`` cycles through cold_copies() copies of each module instead of reusing one."""
+    device = torch.device(device)
+    rows: List[dict] = []
+    notes: List[str] = []
+    with _num_threads(threads), torch.no_grad():
+        torch.manual_seed(seed)
+        for k, n in kn_values:
+            linear = nn.Linear(k, n, device=device)
+            cands, cand_notes = candidates(linear, device, allow_reference)
+            copies = cold_copies(k, n, device) if cold else 1
+            # Every candidate's module, copies times over (cold), called in turn.
+            rotations = [[c.module] + [copy.deepcopy(c.module) for _ in range(copies - 1)] for c in cands]
+            notes += [note for note in cand_notes if note not in notes]
+            for m in m_values:
+                x = torch.randn(m, k, device=device)
+                baseline_ms: Dict[str, float] = {}
+                for cand, modules in zip(cands, rotations):
+                    xc = x.to(cand.dtype)
+                    turn = itertools.cycle(modules)
+                    ms = median_ms(lambda: next(turn)(xc), device, warmup, repeats)
+                    if cand.name in BASELINES:
+                        baseline_ms[cand.name] = ms
+                    rows.append({"M": m, "K": k, "N": n, "impl": cand.name, "backend": cand.backend,
+                                 "dtype": str(cand.dtype).replace("torch.", ""), "ms": ms,
+                                 "weight_copies": copies})
+                for row in rows[-len(cands):]:
+                    for base, base_ms in baseline_ms.items():
+                        row[_speedup_key(base)] = base_ms / row["ms"]
+        info = machine_info(device)
+    settings = {"M": list(m_values), "KN": [list(kn) for kn in kn_values], "repeats": repeats,
+                "warmup": warmup, "weights": "cold" if cold else "hot", "statistic": "median",
+                "threads": info["threads"]}
+    return {"machine": info, "settings": settings, "rows": rows, "notes": notes}
+
+
+_SHORT_NAMES = {FP32: "fp32", TORCH_INT8: "torch_int8", BF16: "bf16"}
+
+
+def _speedup_key(baseline: str) -> str:
+    return "speedup_vs_" + _SHORT_NAMES[baseline]
+
+
+def format_table(rows: Iterable[dict]) -> str:
+    """A fixed-width text table of bench_int8's rows. Column "x fp32" is fp32 ms / row ms
+    (above 1: faster than fp32), and so on per baseline; n/a where it was not measured."""
+    rows = list(rows)
+    baselines = [b for b in BASELINES if any(_speedup_key(b) in r for r in rows)]
+    keys = [_speedup_key(b) for b in baselines]
+    headers = ["M", "K", "N", "impl", "backend", "dtype", "ms"] + ["x " + _SHORT_NAMES[b] for b in baselines]
+    body = [[str(r["M"]), str(r["K"]), str(r["N"]), r["impl"], r["backend"], r["dtype"], f"{r['ms']:.3f}"]
+            + [f"{r[k]:.2f}" if k in r else "n/a" for k in keys] for r in rows]
+    widths = [max(len(line[i]) for line in [headers] + body) for i in range(len(headers))]
+    text_cols = {3, 4, 5}
+
+    def fmt(line):
+        return "  ".join(cell.ljust(w) if i in text_cols else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(line, widths)))
+
+    out = [fmt(headers), fmt(["-" * w for w in widths])]
+    previous = None
+    for r, line in zip(rows, body):
+        if previous is not None and (r["M"], r["K"], r["N"]) != previous:
+            out.append("")
+        previous = (r["M"], r["K"], r["N"])
+        out.append(fmt(line))
+    return "\n".join(out)

@@ -1,0 +1,178 @@
+"""Drop-in int8 replacements for nn.Linear.
+
+Int8Linear             W8A8 dynamic: activations quantized per row at run time, int8 GEMM.
+Int8WeightOnlyLinear   W8A16 / W8A32: int8 weight, float activations.
+
+The weight is quantized and packed once, in from_dense(), into registered buffers (w_packed,
+w_scale, w_rowsum, bias), so state_dict() carries the packed form and .to(device) moves it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..formats import PackedInt8Weight
+
+_ACT_QMAX = {8: 127, 7: 63}
+
+
+class _PackedInt8Linear(nn.Module):
+    """Buffers, packing, shape handling and conversions shared by the int8 linear layers.
+
+    Subclasses define _linear_2d(x2d), the op call on a contiguous [M, in_features] input.
+    """
+
+    # Kept in float32 whatever dtype the model is cast to (see _apply): the kernels read
+    # fp32 scales, and a bf16 round trip would lose precision silently.
+    _FP32_BUFFERS = ("w_scale", "bias")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Optional[torch.device | str] = None, backend: Optional[str] = None) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got "
+                             f"{in_features} and {out_features}")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {ops.BACKENDS}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        # A packed all-zero weight: buffers of the right shapes for load_state_dict to fill.
+        empty = PackedInt8Weight.from_int8(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+            torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("w_packed", empty.packed)
+        self.register_buffer("w_scale", empty.scale)
+        self.register_buffer("w_rowsum", empty.rowsum)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device)
+                             if bias else None)
+
+    @classmethod
+    def _from_linear(cls, linear: nn.Module, **kwargs):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{cls.__name__}.from_dense: the {type(linear).__name__} is not "
+                             "initialized yet; run one forward pass first")
+        packed = PackedInt8Weight.pack(linear.weight)  # raises on NaN / Inf
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, **kwargs)
+        layer.w_packed.copy_(packed.packed)
+        layer.w_scale.copy_(packed.scale)
+        layer.w_rowsum.copy_(packed.rowsum)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def packed_weight(self) -> PackedInt8Weight:
+        return PackedInt8Weight(self.w_packed, self.w_scale, self.w_rowsum,
+                                self.in_features, self.out_features)
+
+    def to_dense(self) -> nn.Linear:
+        """An fp32 nn.Linear holding the dequantized weight (and the bias), on this layer's device."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.w_scale.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.packed_weight().unpack())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        # Checked here, before flattening: a reshape would silently regroup a wrong last dim.
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects in_features={self.in_features} in the "
+                             f"last dimension, got input of shape {tuple(x.shape)}")
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        if torch.is_grad_enabled() and x2d.requires_grad:
+            out = _GradThroughFrozenWeight.apply(x2d, self)
+        else:
+            out = self._linear_2d(x2d)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() cast every floating buffer; follow device moves only.
+        originals = {name: self._buffers[name] for name in self._FP32_BUFFERS
+                     if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in originals.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def _extra_repr_options(self) -> str:
+        return ""
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{self._extra_repr_options()}, "
+                f"backend={self.backend or 'auto'}, packed_bytes={self.packed_weight().nbytes}")
+
+
+class _GradThroughFrozenWeight(torch.autograd.Function):
+    """Gradient with respect to the input through the frozen int8 weight: grad_x = grad_out @ W,
+    W the dequantized weight. Exact for the weight-only layer; for W8A8 the activation rounding is
+    passed straight through (its true derivative is zero almost everywhere, which would silently
+    stop training of anything upstream, e.g. adapters). The weight and bias get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, layer: _PackedInt8Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._linear_2d(x2d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.layer.packed_weight().unpack()
+        return (grad_out.float() @ weight).to(grad_out.dtype), None
+
+
+class Int8Linear(_PackedInt8Linear):
+    """W8A8 dynamic linear: per-output-channel int8 weight, per-row int8 activations.
+
+    act_bits=8 quantizes activations to [-127, 127]; act_bits=7 to [-63, 63] (fbgemm's
+    "reduce_range", which some x86 kernels need). Same call signature as nn.Linear: any
+    leading dims, float32 / bfloat16 / float16 input, output in the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int = 8,
+                 device: Optional[torch.device | str] = None, backend: Optional[str] = None) -> None:
+        if act_bits not in _ACT_QMAX:
+            raise ValueError(f"act_bits must be 8 or 7, got {act_bits!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, backend=backend)
+        self.act_bits = act_bits
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, act_bits: int = 8,
+                   backend: Optional[str] = None) -> "Int8Linear":
+        """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8)."""
+        return cls._from_linear(linear, act_bits=act_bits, backend=backend)
+
+    def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x2d, self.w_packed, self.w_scale, self.w_rowsum, self.bias,
+                               act_qmax=_ACT_QMAX[self.act_bits], backend=self.backend)
+
+    def _extra_repr_options(self) -> str:
+        return f", act_bits={self.act_bits}"
+
+
+class Int8WeightOnlyLinear(_PackedInt8Linear):
+    """Weight-only int8 linear (W8A16 / W8A32): int8 per-channel weight, float activations.
+
+    Holds the same buffers as Int8Linear (w_rowsum included, unused here), so a state_dict
+    of either loads into the other.
+    """
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, backend: Optional[str] = None) -> "Int8WeightOnlyLinear":
+        """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8)."""
+        return cls._from_linear(linear, backend=backend)
+
+    def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        return ops.int8_weight_only_linear(x2d, self.w_packed, self.w_scale, self.bias,
+                                           backend=self.backend)
