@@ -14,14 +14,20 @@ PACK_K = 4
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a int8 [M,K] @ b int8 [N,K].T -> int32 [M,N], exact."""
-    # int64 matmul is exact and supported on every device; the result fits int32 for K < 2^17.
-    return (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.int32)
+    # float64 products and sums of int8 values are exact while K * 2^14 < 2^53, and float64
+    # matmul runs on every device (CUDA has no int64 matmul); the result fits int32 for K < 2^17.
+    return (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int32)
+
+
+def packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    """Shape of the n16k4 layout of an [n, k] weight (see csrc/include/sparseq/packed_int8.h)."""
+    return (-(-n // PACK_N), -(-k // PACK_K), PACK_N, PACK_K)
 
 
 def pack_n16k4(w: torch.Tensor) -> torch.Tensor:
-    """int8 [N,K] -> n16k4 layout [ceil(N/16), ceil(K/4), 16, 4] (see csrc/include/sparseq/packed_int8.h)."""
+    """int8 [N,K] -> n16k4 layout [ceil(N/16), ceil(K/4), 16, 4]."""
     n, k = w.shape
-    nb, kq = -(-n // PACK_N), -(-k // PACK_K)
+    nb, kq = packed_shape(n, k)[:2]
     padded = torch.zeros(nb * PACK_N, kq * PACK_K, dtype=w.dtype, device=w.device)
     padded[:n, :k] = w
     return padded.view(nb, PACK_N, kq, PACK_K).permute(0, 2, 1, 3).contiguous()

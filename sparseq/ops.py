@@ -72,7 +72,7 @@ def _check_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
     n = w_scale.shape[0] if w_scale.dim() == 1 else -1
     if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
         raise TypeError(f"w_scale must be a float32 vector [N], got {w_scale.dtype} {tuple(w_scale.shape)}")
-    expect = (-(-n // _ref.PACK_N), -(-x.shape[1] // _ref.PACK_K), _ref.PACK_N, _ref.PACK_K)
+    expect = _ref.packed_shape(n, x.shape[1])
     if w_packed.dtype != torch.int8 or tuple(w_packed.shape) != expect:
         raise ValueError(f"w_packed must be int8 of shape {expect} for N={n}, K={x.shape[1]}, "
                          f"got {w_packed.dtype} {tuple(w_packed.shape)}")
