@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -29,7 +30,7 @@ inline void store_float_as(void* dst, OutType t, int64_t i, float v) {
 }
 
 // Rows of the activation chunk stay in L2 while a weight panel is reused over them.
-constexpr int64_t kActivationChunkBytes = 128 * 1024;
+constexpr int64_t kActivationChunkBytes = 256 * 1024;
 
 }  // namespace
 
@@ -110,6 +111,7 @@ void split_magnitude_sign(const int8_t* a, int64_t m, int64_t k, int64_t lda, ui
 // b [n, k] -> n16k4 (see sparseq/packed_int8.h), optionally replacing -128 by -127.
 void pack_n16k4(const int8_t* b, int64_t n, int64_t k, bool clamp_min, int8_t* packed) {
   const int64_t n_blocks = packed_blocks_n(n), k_quads = packed_quads_k(k);
+  const int64_t full_quads = k / 4;
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       int8_t* dst = packed + nb * k_quads * 64;
@@ -117,27 +119,64 @@ void pack_n16k4(const int8_t* b, int64_t n, int64_t k, bool clamp_min, int8_t* p
         const int64_t row = nb * 16 + i;
         for (int64_t q = 0; q < k_quads; ++q) {
           int8_t* d = dst + q * 64 + 4 * i;
-          for (int j = 0; j < 4; ++j) {
-            const int64_t col = 4 * q + j;
-            int8_t v = (row < n && col < k) ? b[row * k + col] : 0;
-            d[j] = (clamp_min && v == -128) ? -127 : v;
+          if (row < n && q < full_quads) {
+            std::memcpy(d, b + row * k + 4 * q, 4);
+            continue;
           }
+          for (int j = 0; j < 4; ++j) d[j] = (row < n && 4 * q + j < k) ? b[row * k + 4 * q + j] : 0;
         }
+      }
+      if (clamp_min) {
+        for (int64_t i = 0; i < k_quads * 64; ++i) dst[i] = std::max<int8_t>(dst[i], -127);
       }
     }
   });
 }
 
-at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2) {
+// c [m, n] -= a @ e.T where e[n, k] = 1 where b[n, k] == -128: the correction for computing
+// with b' = b with -128 -> -127 (b = b' - e).
+void subtract_int8_min_correction(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  const at::Tensor a_t = a.t().contiguous();  // [k, m]: each correction is one contiguous row
+  at::Tensor corr_t = at::zeros({n, m}, c.options());
+  const int8_t* at_data = a_t.const_data_ptr<int8_t>();
+  const int8_t* b_data = b.const_data_ptr<int8_t>();
+  int32_t* corr = corr_t.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t col = begin; col < end; ++col) {
+      int32_t* dst = corr + col * m;
+      for (int64_t i = 0; i < k; ++i) {
+        if (b_data[col * k + i] != -128) continue;
+        const int8_t* src = at_data + i * m;
+        for (int64_t r = 0; r < m; ++r) dst[r] += src[r];
+      }
+    }
+  });
+  c.sub_(corr_t.t());
+}
+
+int64_t count_int8_min(const int8_t* data, int64_t count) {
+  int64_t found = 0;
+  for (int64_t i = 0; i < count; ++i) found += data[i] == -128;
+  return found;
+}
+
+at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2, bool allow_swap) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   const int8_t* a_data = a.const_data_ptr<int8_t>();
   const int8_t* b_data = b.const_data_ptr<int8_t>();
-  // The sign trick (u = |a|, s = sign(a) * b) is exact while b has no -128 (its negation wraps).
+  // The sign trick (u = |a|, s = sign(a) * b) is exact while b has no -128 (its negation
+  // wraps). So b gets the operand with no -128, or else the one with fewer (clamped, then
+  // corrected); swapping operands computes the transposed product.
   const bool b_has_min = contains_int8_min(b_data, n * k);
-  if (b_has_min && !contains_int8_min(a_data, m * k)) return int8_gemm_impl(b, a, use_avx2).t().contiguous();
+  if (b_has_min && allow_swap) {
+    const bool a_has_min = contains_int8_min(a_data, m * k);
+    if (!a_has_min || count_int8_min(a_data, m * k) < count_int8_min(b_data, n * k))
+      return int8_gemm_impl(b, a, use_avx2, /*allow_swap=*/false).t().contiguous();
+  }
 
   const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
   at::Tensor a_u = at::empty({m, lda}, a.options().dtype(at::kByte));
@@ -158,17 +197,7 @@ at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx
   p.ldc = n;
   run_gemm(p, use_avx2);
 
-  if (b_has_min) {
-    // Both operands hold -128: b was computed as b' = b with -128 -> -127, so
-    // a @ b.T = a @ b'.T - sum over those (n, k) of a[:, k].
-    int32_t* c = out.mutable_data_ptr<int32_t>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t col = begin; col < end; ++col)
-        for (int64_t i = 0; i < k; ++i)
-          if (b_data[col * k + i] == -128)
-            for (int64_t r = 0; r < m; ++r) c[r * n + col] -= a_data[r * k + i];
-    });
-  }
+  if (b_has_min) subtract_int8_min_correction(a, b, out);
   return out;
 }
 
@@ -177,7 +206,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_matrix(b, "b");
   TORCH_CHECK(a.size(1) == b.size(1), "sparseq: int8_gemm needs a [M,K] and b [N,K] with the same K, got a ",
               a.sizes(), " and b ", b.sizes());
-  return int8_gemm_impl(a, b, cpu_has_avx2_fma());
+  return int8_gemm_impl(a, b, cpu_has_avx2_fma(), /*allow_swap=*/true);
 }
 
 }  // namespace

@@ -45,7 +45,9 @@ template <int MR, int NB, bool SIGN, bool CHECK>
 SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
   constexpr int NV = 2 * NB;
   __m256i acc[MR][NV];
+  #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i wmin = _mm256_set1_epi8(127);
@@ -58,6 +60,7 @@ SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
 
   for (int64_t q = 0; q < kq_count; ++q) {
     __m256i w[NV];
+    #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) {
       const int8_t* src = wb + j * nb_stride + q * 64;
       _mm_prefetch(reinterpret_cast<const char*>(src + 1024), _MM_HINT_T0);
@@ -65,12 +68,15 @@ SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
       w[2 * j + 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
     }
     if (CHECK) {
+      #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) wmin = _mm256_min_epi8(wmin, w[v]);
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m256i a = _mm256_set1_epi32(static_cast<int>(load_u32(au + r * lda + 4 * q)));
       __m256i s;
       if (SIGN) s = _mm256_set1_epi32(static_cast<int>(load_u32(as + r * lda + 4 * q)));
+      #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
         __m256i b = SIGN ? _mm256_sign_epi8(w[v], s) : w[v];
         __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones);
@@ -79,7 +85,9 @@ SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
     }
   }
 
+  #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
+    #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const int64_t n0 = (nb0 + v / 2) * 16 + (v % 2) * 8;
       const int64_t left = p.n - n0;

@@ -11,6 +11,7 @@ using namespace avx2;
 
 // Bias add, dtype conversion and store of 16 outputs (two vectors) of row m, block nb.
 SPARSEQ_AVX2 inline void store_block(const WeightOnlyProblem& p, int64_t m, int64_t nb, __m256 lo, __m256 hi) {
+  #pragma GCC unroll 16
   for (int h = 0; h < 2; ++h) {
     const int64_t n0 = nb * 16 + h * 8;
     const int64_t left = p.n - n0;
@@ -26,6 +27,7 @@ SPARSEQ_AVX2 inline void store_block(const WeightOnlyProblem& p, int64_t m, int6
 // one partial sum per k of the quad; a horizontal reduction at the end folds the quads.
 SPARSEQ_AVX2 void gemv_block(const WeightOnlyProblem& p, int64_t m, int64_t nb) {
   __m256 acc[8];
+  #pragma GCC unroll 16
   for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
   const float* x = p.x + m * p.ldx;
   const int8_t* w = p.w_packed + nb * p.k_quads * 64;
@@ -33,6 +35,7 @@ SPARSEQ_AVX2 void gemv_block(const WeightOnlyProblem& p, int64_t m, int64_t nb) 
     const __m256 xq = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 4 * q));
     const int8_t* wq = w + q * 64;
     _mm_prefetch(reinterpret_cast<const char*>(wq + 2048), _MM_HINT_T0);
+    #pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wq + 8 * c));
       acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), xq, acc[c]);
@@ -40,6 +43,7 @@ SPARSEQ_AVX2 void gemv_block(const WeightOnlyProblem& p, int64_t m, int64_t nb) 
   }
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256 out[2];
+  #pragma GCC unroll 16
   for (int h = 0; h < 2; ++h) {
     const __m256* a = acc + 4 * h;
     __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -66,12 +70,14 @@ SPARSEQ_AVX2 void dequantize_panel(const WeightOnlyProblem& p, int64_t nb, float
   const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const int8_t* w = p.w_packed + nb * p.k_quads * 64;
   for (int64_t q = 0; q < p.k_quads; ++q) {
+    #pragma GCC unroll 16
     for (int h = 0; h < 2; ++h) {
       __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64 + 32 * h));
       v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, transpose4x4), interleave);
       const __m128i k01 = _mm256_castsi256_si128(v), k23 = _mm256_extracti128_si256(v, 1);
       const __m128i chunks[4] = {k01, _mm_unpackhi_epi64(k01, k01), k23, _mm_unpackhi_epi64(k23, k23)};
       const __m256 scale = h == 0 ? scale_lo : scale_hi;
+      #pragma GCC unroll 16
       for (int j = 0; j < 4; ++j) {
         const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(chunks[j])), scale);
         _mm256_storeu_ps(panel + (4 * q + j) * 16 + 8 * h, f);
@@ -83,17 +89,20 @@ SPARSEQ_AVX2 void dequantize_panel(const WeightOnlyProblem& p, int64_t nb, float
 template <int MR>
 SPARSEQ_AVX2 void panel_tile(const WeightOnlyProblem& p, int64_t m0, int64_t nb, const float* panel) {
   __m256 acc[MR][2];
+  #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const float* x = p.x + m0 * p.ldx;
   const int64_t k_total = 4 * p.k_quads;
   for (int64_t k = 0; k < k_total; ++k) {
     const __m256 b0 = _mm256_loadu_ps(panel + k * 16), b1 = _mm256_loadu_ps(panel + k * 16 + 8);
+    #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * p.ldx + k);
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) store_block(p, m0 + r, nb, acc[r][0], acc[r][1]);
 }
 
