@@ -26,14 +26,22 @@ QUICK_SHAPES = {"linear_m": (1, 16, 128), "k": 4096, "n": 4096, "gemm_mnk": (256
 
 def time_ms(fn: Callable[[], object], runs: int = 9, warmup: int = 2) -> float:
     """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return time_interleaved({"fn": fn}, runs, warmup)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2) -> dict[str, float]:
+    """Median wall time (ms) of each fn, calling them in turn every round so that drift in the
+    machine's load (other processes, clocks) hits kernel and baseline alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _row(op: str, shape: str, impl: str, ms: float, baseline: str | None, base_ms: float | None, **extra) -> dict:
@@ -69,29 +77,35 @@ def bench_int8_kernels(quick: bool = False, runs: int = 9, threads: int | None =
     for m in shapes["linear_m"]:
         x = torch.randn(m, k)
         shape = f"M={m} K={k} N={n}"
-        t_fp32 = time_ms(lambda: linear(x), runs)
-        t_dyn = time_ms(lambda: dyn(x), runs)
-        rows.append(_row("linear", shape, "torch fp32 nn.Linear", t_fp32, None, None))
-        rows.append(_row("linear", shape, "torch quantize_dynamic (fbgemm)", t_dyn, "torch fp32 nn.Linear", t_fp32))
+        t = time_interleaved({
+            "fp32": lambda: linear(x),
+            "qdyn": lambda: dyn(x),
+            "w8a8_63": lambda: ops.int8_linear(x, packed.packed, packed.scale, packed.rowsum, bias, 63),
+            "w8a8_127": lambda: ops.int8_linear(x, packed.packed, packed.scale, packed.rowsum, bias, 127),
+            "wo": lambda: ops.int8_weight_only_linear(x, packed.packed, packed.scale, bias),
+        }, runs)
+        rows.append(_row("linear", shape, "torch fp32 nn.Linear", t["fp32"], None, None))
+        rows.append(_row("linear", shape, "torch quantize_dynamic (fbgemm)", t["qdyn"], "torch fp32 nn.Linear",
+                         t["fp32"]))
         for qmax in (63, 127):
-            t = time_ms(lambda: ops.int8_linear(x, packed.packed, packed.scale, packed.rowsum, bias, qmax), runs)
-            rows.append(_row("int8_linear", shape, f"sparseq int8_linear act_qmax={qmax}", t,
-                             "torch fp32 nn.Linear", t_fp32, vs_quantize_dynamic=round(t_dyn / t, 3)))
-        t = time_ms(lambda: ops.int8_weight_only_linear(x, packed.packed, packed.scale, bias), runs)
-        rows.append(_row("int8_weight_only_linear", shape, "sparseq int8_weight_only_linear", t,
-                         "torch fp32 nn.Linear", t_fp32, vs_quantize_dynamic=round(t_dyn / t, 3),
-                         weight_gb_per_s=round(weight_bytes / t / 1e6, 2)))
+            ms = t[f"w8a8_{qmax}"]
+            rows.append(_row("int8_linear", shape, f"sparseq int8_linear act_qmax={qmax}", ms,
+                             "torch fp32 nn.Linear", t["fp32"], vs_quantize_dynamic=round(t["qdyn"] / ms, 3)))
+        rows.append(_row("int8_weight_only_linear", shape, "sparseq int8_weight_only_linear", t["wo"],
+                         "torch fp32 nn.Linear", t["fp32"], vs_quantize_dynamic=round(t["qdyn"] / t["wo"], 3),
+                         weight_gb_per_s=round(weight_bytes / t["wo"] / 1e6, 2)))
     gm, gk, gn = shapes["gemm_mnk"]
     a = torch.randint(-128, 128, (gm, gk), dtype=torch.int8)
     b = torch.randint(-128, 128, (gn, gk), dtype=torch.int8)
+    b_no_min = b.clamp(-127, 127)
     af, bf = a.float(), b.float()
     shape = f"M={gm} K={gk} N={gn}"
-    t_fp32 = time_ms(lambda: af @ bf.T, max(3, runs // 3))
-    rows.append(_row("gemm", shape, "torch fp32 matmul", t_fp32, None, None))
-    for label, bb in (("random int8 incl. -128", b), ("b in [-127, 127]", b.clamp(-127, 127))):
-        t = time_ms(lambda: ops.int8_gemm(a, bb), max(3, runs // 3))
-        rows.append(_row("int8_gemm", shape, f"sparseq int8_gemm ({label})", t, "torch fp32 matmul", t_fp32,
-                         gmac_per_s=round(gm * gk * gn / t / 1e6, 1)))
+    t = time_interleaved({"fp32": lambda: af @ bf.T, "random": lambda: ops.int8_gemm(a, b),
+                          "no_min": lambda: ops.int8_gemm(a, b_no_min)}, max(3, runs // 3), warmup=1)
+    rows.append(_row("gemm", shape, "torch fp32 matmul", t["fp32"], None, None))
+    for key, label in (("random", "random int8 incl. -128"), ("no_min", "b in [-127, 127]")):
+        rows.append(_row("int8_gemm", shape, f"sparseq int8_gemm ({label})", t[key], "torch fp32 matmul", t["fp32"],
+                         gmac_per_s=round(gm * gk * gn / t[key] / 1e6, 1)))
     return rows
 
 

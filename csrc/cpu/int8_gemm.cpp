@@ -155,10 +155,13 @@ void subtract_int8_min_correction(const at::Tensor& a, const at::Tensor& b, at::
   c.sub_(corr_t.t());
 }
 
-int64_t count_int8_min(const int8_t* data, int64_t count) {
+// Share of -128 among (at most) the first 256 KiB: only steers which operand is clamped and
+// corrected (the correction costs M*N*K times that operand's share); either choice is exact.
+double sampled_int8_min_share(const int8_t* data, int64_t count) {
+  const int64_t sample = std::min<int64_t>(count, 256 * 1024);
   int64_t found = 0;
-  for (int64_t i = 0; i < count; ++i) found += data[i] == -128;
-  return found;
+  for (int64_t i = 0; i < sample; ++i) found += data[i] == -128;
+  return sample > 0 ? static_cast<double>(found) / static_cast<double>(sample) : 0.0;
 }
 
 at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2, bool allow_swap) {
@@ -174,7 +177,7 @@ at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx
   const bool b_has_min = contains_int8_min(b_data, n * k);
   if (b_has_min && allow_swap) {
     const bool a_has_min = contains_int8_min(a_data, m * k);
-    if (!a_has_min || count_int8_min(a_data, m * k) < count_int8_min(b_data, n * k))
+    if (!a_has_min || sampled_int8_min_share(a_data, m * k) < sampled_int8_min_share(b_data, n * k))
       return int8_gemm_impl(b, a, use_avx2, /*allow_swap=*/false).t().contiguous();
   }
 

@@ -81,9 +81,11 @@ struct WeightOnlyProblem {
 // instead of streaming the int8 weight once per row.
 constexpr int64_t kWeightOnlyPanelMinRows = 4;
 
-// Rows [m_begin, m_end) x blocks [nb_begin, nb_end). `panel` is scratch of 4 * k_quads * 16
-// floats (used by the large-M path, which dequantizes one 16-column block at a time).
+// Rows [m_begin, m_end) x blocks [nb_begin, nb_end). `scratch` holds
+// weight_only_scratch_floats(m_end - m_begin) floats (the many-row path's dequantized panel
+// slice and partial sums).
+int64_t weight_only_scratch_floats(int64_t rows);
 void weight_only_tiles_avx2(const WeightOnlyProblem& p, int64_t m_begin, int64_t m_end,
-                            int64_t nb_begin, int64_t nb_end, float* panel);
+                            int64_t nb_begin, int64_t nb_end, float* scratch);
 
 }  // namespace sparseq::cpu

@@ -73,12 +73,12 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   p.ldc = n;
 
   const bool use_avx2 = cpu_has_avx2_fma();
-  // Row chunks big enough to reuse a dequantized panel (4K x 16 fp32 = 256 KiB, in L2).
+  // Row chunks of up to 192 rows reuse each dequantized panel slice; their x slices stay in L2.
   parallel_tiles(m, packed_blocks_n(n), ldx, 192, kWeightOnlyPanelMinRows,
                  [&](int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
                    if (use_avx2) {
-                     std::vector<float> panel(m1 - m0 >= kWeightOnlyPanelMinRows ? ldx * 16 : 0);
-                     weight_only_tiles_avx2(p, m0, m1, nb0, nb1, panel.data());
+                     std::vector<float> scratch(weight_only_scratch_floats(m1 - m0));
+                     weight_only_tiles_avx2(p, m0, m1, nb0, nb1, scratch.data());
                    } else if (p.out_type == OutType::kBFloat16) {
                      weight_only_tiles_portable<c10::BFloat16>(p, m0, m1, nb0, nb1);
                    } else if (p.out_type == OutType::kFloat16) {
