@@ -15,7 +15,9 @@ inline bool env_flag(const char* name) {
 
 inline bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // The AVX2 kernels also convert fp16 with F16C (every AVX2 CPU has it, but check).
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return has && !env_flag("SPARSEQ_DISABLE_AVX2");
 #else
   return false;
@@ -27,6 +29,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
 #if defined(__x86_64__) || defined(_M_X64)
   f["avx2"] = __builtin_cpu_supports("avx2");
   f["fma"] = __builtin_cpu_supports("fma");
+  f["f16c"] = __builtin_cpu_supports("f16c");
   f["avx512f"] = __builtin_cpu_supports("avx512f");
   f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
 #if defined(__GNUC__) && __GNUC__ >= 11

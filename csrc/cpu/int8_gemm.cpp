@@ -1,0 +1,218 @@
+// CPU int8_gemm, plus the shared int8 GEMM core (portable kernel and the threaded driver) that
+// int8_linear runs too. The AVX2 micro-kernels live in int8_gemm_avx2.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "int8_kernels.h"
+#include "parallel_tiles.h"
+#include "sparseq/checks.h"
+#include "sparseq/cpu_features.h"
+
+namespace sparseq::cpu {
+
+namespace {
+
+inline void store_float_as(void* dst, OutType t, int64_t i, float v) {
+  switch (t) {
+    case OutType::kBFloat16: static_cast<c10::BFloat16*>(dst)[i] = c10::BFloat16(v); break;
+    case OutType::kFloat16: static_cast<c10::Half*>(dst)[i] = c10::Half(v); break;
+    default: static_cast<float*>(dst)[i] = v;
+  }
+}
+
+// Rows of the activation chunk stay in L2 while a weight panel is reused over them.
+constexpr int64_t kActivationChunkBytes = 256 * 1024;
+
+}  // namespace
+
+// Plain C++ model of the AVX2 core: same operands and epilogue, exact int32 arithmetic.
+bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
+                         int64_t nb_end) {
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    const int8_t* w_block = p.w_packed + nb * p.k_quads * 64;
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      int32_t acc[16] = {};
+      const uint8_t* au = p.a_u + m * p.lda;
+      const int8_t* as = p.a_sign != nullptr ? p.a_sign + m * p.lda : nullptr;
+      for (int64_t q = 0; q < p.k_quads; ++q) {
+        int32_t a[4];
+        for (int j = 0; j < 4; ++j) {
+          const int32_t u = au[4 * q + j];
+          a[j] = as == nullptr ? u : (as[4 * q + j] < 0 ? -u : (as[4 * q + j] == 0 ? 0 : u));
+        }
+        const int8_t* w = w_block + q * 64;
+        for (int i = 0; i < 16; ++i)
+          acc[i] += a[0] * w[4 * i] + a[1] * w[4 * i + 1] + a[2] * w[4 * i + 2] + a[3] * w[4 * i + 3];
+      }
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = nb * 16 + i;
+        if (n >= p.n) break;
+        if (p.c_int32 != nullptr) {
+          p.c_int32[m * p.ldc + n] = acc[i];
+          continue;
+        }
+        // Wrapping int32 arithmetic, like the vector kernel; the true result fits in int32.
+        const uint32_t corrected = static_cast<uint32_t>(acc[i]) -
+                                   static_cast<uint32_t>(p.a_offset) * static_cast<uint32_t>(p.a_offset ? p.w_rowsum[n] : 0);
+        float out = static_cast<float>(static_cast<int32_t>(corrected)) * (p.x_scale[m] * p.w_scale[n]);
+        if (p.bias != nullptr) out += p.bias[n];
+        store_float_as(p.c_out, p.out_type, m * p.ldc + n, out);
+      }
+    }
+  }
+  return true;
+}
+
+bool run_gemm(const GemmProblem& p, bool use_avx2) {
+  const int64_t n_blocks = packed_blocks_n(p.n);
+  const int64_t bytes_per_row = std::max<int64_t>(1, p.lda) * (p.a_sign != nullptr ? 2 : 1);
+  std::atomic<bool> exact{true};
+  parallel_tiles(p.m, n_blocks, p.k_quads * 4, std::max<int64_t>(4, kActivationChunkBytes / bytes_per_row / 4 * 4), 4,
+                 [&](int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+                   const bool ok = use_avx2 ? gemm_tiles_avx2(p, m0, m1, nb0, nb1)
+                                            : gemm_tiles_portable(p, m0, m1, nb0, nb1);
+                   if (!ok) exact.store(false);
+                 });
+  return exact.load();
+}
+
+namespace {
+
+bool contains_int8_min(const int8_t* data, int64_t count) {
+  return count > 0 && std::memchr(data, 0x80, static_cast<size_t>(count)) != nullptr;
+}
+
+// a [m, k] -> (|a| as u8, a) zero padded to lda columns: the sign-trick operand pair.
+void split_magnitude_sign(const int8_t* a, int64_t m, int64_t k, int64_t lda, uint8_t* a_u, int8_t* a_sign) {
+  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int8_t* src = a + r * k;
+      uint8_t* u = a_u + r * lda;
+      int8_t* s = a_sign + r * lda;
+      for (int64_t i = 0; i < k; ++i) {
+        const int32_t v = src[i];
+        u[i] = static_cast<uint8_t>(v < 0 ? -v : v);
+        s[i] = static_cast<int8_t>(v);
+      }
+      for (int64_t i = k; i < lda; ++i) u[i] = 0, s[i] = 0;
+    }
+  });
+}
+
+// b [n, k] -> n16k4 (see sparseq/packed_int8.h), optionally replacing -128 by -127.
+void pack_n16k4(const int8_t* b, int64_t n, int64_t k, bool clamp_min, int8_t* packed) {
+  const int64_t n_blocks = packed_blocks_n(n), k_quads = packed_quads_k(k);
+  const int64_t full_quads = k / 4;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      int8_t* dst = packed + nb * k_quads * 64;
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = nb * 16 + i;
+        for (int64_t q = 0; q < k_quads; ++q) {
+          int8_t* d = dst + q * 64 + 4 * i;
+          if (row < n && q < full_quads) {
+            std::memcpy(d, b + row * k + 4 * q, 4);
+            continue;
+          }
+          for (int j = 0; j < 4; ++j) d[j] = (row < n && 4 * q + j < k) ? b[row * k + 4 * q + j] : 0;
+        }
+      }
+      if (clamp_min) {
+        for (int64_t i = 0; i < k_quads * 64; ++i) dst[i] = std::max<int8_t>(dst[i], -127);
+      }
+    }
+  });
+}
+
+// c [m, n] -= a @ e.T where e[n, k] = 1 where b[n, k] == -128: the correction for computing
+// with b' = b with -128 -> -127 (b = b' - e).
+void subtract_int8_min_correction(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  const at::Tensor a_t = a.t().contiguous();  // [k, m]: each correction is one contiguous row
+  at::Tensor corr_t = at::zeros({n, m}, c.options());
+  const int8_t* at_data = a_t.const_data_ptr<int8_t>();
+  const int8_t* b_data = b.const_data_ptr<int8_t>();
+  int32_t* corr = corr_t.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t col = begin; col < end; ++col) {
+      int32_t* dst = corr + col * m;
+      for (int64_t i = 0; i < k; ++i) {
+        if (b_data[col * k + i] != -128) continue;
+        const int8_t* src = at_data + i * m;
+        for (int64_t r = 0; r < m; ++r) dst[r] += src[r];
+      }
+    }
+  });
+  c.sub_(corr_t.t());
+}
+
+// Share of -128 among (at most) the first 256 KiB: only steers which operand is clamped and
+// corrected (the correction costs M*N*K times that operand's share); either choice is exact.
+double sampled_int8_min_share(const int8_t* data, int64_t count) {
+  const int64_t sample = std::min<int64_t>(count, 256 * 1024);
+  int64_t found = 0;
+  for (int64_t i = 0; i < sample; ++i) found += data[i] == -128;
+  return sample > 0 ? static_cast<double>(found) / static_cast<double>(sample) : 0.0;
+}
+
+at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2, bool allow_swap) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
+  if (m == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();
+  const int8_t* a_data = a.const_data_ptr<int8_t>();
+  const int8_t* b_data = b.const_data_ptr<int8_t>();
+  // The sign trick (u = |a|, s = sign(a) * b) is exact while b has no -128 (its negation
+  // wraps). So b gets the operand with no -128, or else the one with fewer (clamped, then
+  // corrected); swapping operands computes the transposed product.
+  const bool b_has_min = contains_int8_min(b_data, n * k);
+  if (b_has_min && allow_swap) {
+    const bool a_has_min = contains_int8_min(a_data, m * k);
+    if (!a_has_min || sampled_int8_min_share(a_data, m * k) < sampled_int8_min_share(b_data, n * k))
+      return int8_gemm_impl(b, a, use_avx2, /*allow_swap=*/false).t().contiguous();
+  }
+
+  const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
+  at::Tensor a_u = at::empty({m, lda}, a.options().dtype(at::kByte));
+  at::Tensor a_sign = at::empty({m, lda}, a.options());
+  split_magnitude_sign(a_data, m, k, lda, a_u.mutable_data_ptr<uint8_t>(), a_sign.mutable_data_ptr<int8_t>());
+  at::Tensor b_packed = at::empty({packed_blocks_n(n), k_quads, kPackN, kPackK}, b.options());
+  pack_n16k4(b_data, n, k, b_has_min, b_packed.mutable_data_ptr<int8_t>());
+
+  GemmProblem p;
+  p.a_u = a_u.const_data_ptr<uint8_t>();
+  p.a_sign = a_sign.const_data_ptr<int8_t>();
+  p.lda = lda;
+  p.w_packed = b_packed.const_data_ptr<int8_t>();
+  p.k_quads = k_quads;
+  p.m = m;
+  p.n = n;
+  p.c_int32 = out.mutable_data_ptr<int32_t>();
+  p.ldc = n;
+  run_gemm(p, use_avx2);
+
+  if (b_has_min) subtract_int8_min_correction(a, b, out);
+  return out;
+}
+
+at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_int8_matrix(a, "a");
+  check_int8_matrix(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1), "sparseq: int8_gemm needs a [M,K] and b [N,K] with the same K, got a ",
+              a.sizes(), " and b ", b.sizes());
+  return int8_gemm_impl(a, b, cpu_has_avx2_fma(), /*allow_swap=*/true);
+}
+
+}  // namespace
+}  // namespace sparseq::cpu
+
+TORCH_LIBRARY_IMPL(sparseq, CPU, m) { m.impl("int8_gemm", &sparseq::cpu::int8_gemm_cpu); }

@@ -1,0 +1,231 @@
+// AVX2 core of int8_gemm and int8_linear: u8 x s8 micro-kernels over the n16k4 packed weight,
+// with the epilogue fused while the accumulators are in registers, and the fused per-row
+// activation quantizer. No torch headers here (see int8_kernels.h).
+#include "avx2_common.h"
+
+namespace sparseq::cpu {
+namespace {
+
+using namespace avx2;
+
+// Stores one 8-column slice of a tile row: n0 is the first output column, `count` of 8 valid.
+SPARSEQ_AVX2 inline void store_acc8(const GemmProblem& p, int64_t m, int64_t n0, int count, __m256i acc) {
+  if (p.c_int32 != nullptr) {
+    int32_t* d = p.c_int32 + m * p.ldc + n0;
+    if (count == 8) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), acc);
+    } else {
+      _mm256_maskstore_epi32(d, first_lanes_mask(count), acc);
+    }
+    return;
+  }
+  const __m256i mask = first_lanes_mask(count);
+  if (p.a_offset != 0) {
+    __m256i rowsum = _mm256_maskload_epi32(p.w_rowsum + n0, mask);
+    acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(rowsum, _mm256_set1_epi32(p.a_offset)));
+  }
+  // Same operation order as the reference: (x_scale * w_scale), then acc * that, then + bias.
+  __m256 scale = _mm256_mul_ps(_mm256_set1_ps(p.x_scale[m]), _mm256_maskload_ps(p.w_scale + n0, mask));
+  __m256 out = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+  if (p.bias != nullptr) out = _mm256_add_ps(out, _mm256_maskload_ps(p.bias + n0, mask));
+  store8_float_as(p.c_out, p.out_type, m * p.ldc + n0, out, count);
+}
+
+inline uint32_t load_u32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// MR rows x (16 * NB) columns, full K. SIGN: sign trick (a = sign(a_sign) * a_u), else a_u is
+// used as is. CHECK: also report whether the weight slice holds -128.
+// Per K-quad and row: one 4-byte broadcast; per 8 outputs: vpmaddubsw (u8*s8 pairs -> int16,
+// exact, see GemmProblem) + vpmaddwd with ones (int16 pairs -> int32) + vpaddd.
+template <int MR, int NB, bool SIGN, bool CHECK>
+SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
+  constexpr int NV = 2 * NB;
+  __m256i acc[MR][NV];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i wmin = _mm256_set1_epi8(127);
+  const int64_t kq_count = p.k_quads;
+  const int64_t lda = p.lda;
+  const uint8_t* au = p.a_u + m0 * lda;
+  const int8_t* as = SIGN ? p.a_sign + m0 * lda : nullptr;
+  const int8_t* wb = p.w_packed + nb0 * kq_count * 64;
+  const int64_t nb_stride = kq_count * 64;
+
+  for (int64_t q = 0; q < kq_count; ++q) {
+    __m256i w[NV];
+    #pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) {
+      const int8_t* src = wb + j * nb_stride + q * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(src + 1024), _MM_HINT_T0);
+      w[2 * j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      w[2 * j + 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
+    }
+    if (CHECK) {
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) wmin = _mm256_min_epi8(wmin, w[v]);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256i a = _mm256_set1_epi32(static_cast<int>(load_u32(au + r * lda + 4 * q)));
+      __m256i s;
+      if (SIGN) s = _mm256_set1_epi32(static_cast<int>(load_u32(as + r * lda + 4 * q)));
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        __m256i b = SIGN ? _mm256_sign_epi8(w[v], s) : w[v];
+        __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones);
+        acc[r][v] = _mm256_add_epi32(acc[r][v], prod);
+      }
+    }
+  }
+
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n0 = (nb0 + v / 2) * 16 + (v % 2) * 8;
+      const int64_t left = p.n - n0;
+      if (left <= 0) continue;
+      store_acc8(p, m0 + r, n0, left >= 8 ? 8 : static_cast<int>(left), acc[r][v]);
+    }
+  }
+  if (CHECK) {
+    const __m256i is_min = _mm256_cmpeq_epi8(wmin, _mm256_set1_epi8(-128));
+    return _mm256_movemask_epi8(is_min) == 0;
+  }
+  return true;
+}
+
+template <int MR, int NB, bool SIGN>
+SPARSEQ_AVX2 bool tile_dispatch_check(const GemmProblem& p, int64_t m0, int64_t nb0, bool check) {
+  return check ? tile<MR, NB, SIGN, true>(p, m0, nb0) : tile<MR, NB, SIGN, false>(p, m0, nb0);
+}
+
+template <bool SIGN>
+SPARSEQ_AVX2 bool tile_rows(const GemmProblem& p, int rows, int nblocks, int64_t m0, int64_t nb0,
+                            bool check) {
+  // (rows, nblocks) pairs used by gemm_tiles_avx2; each keeps 8 or fewer accumulators.
+  if (nblocks == 4) return tile_dispatch_check<1, 4, SIGN>(p, m0, nb0, check);
+  if (nblocks == 2) return tile_dispatch_check<2, 2, SIGN>(p, m0, nb0, check);
+  switch (rows) {
+    case 4: return tile_dispatch_check<4, 1, SIGN>(p, m0, nb0, check);
+    case 3: return tile_dispatch_check<3, 1, SIGN>(p, m0, nb0, check);
+    case 2: return tile_dispatch_check<2, 1, SIGN>(p, m0, nb0, check);
+    default: return tile_dispatch_check<1, 1, SIGN>(p, m0, nb0, check);
+  }
+}
+
+template <bool SIGN>
+SPARSEQ_AVX2 bool gemm_tiles(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
+                             int64_t nb_end) {
+  const int64_t rows = m_end - m_begin;
+  bool ok = true;
+  const bool check = SIGN && p.check_w_min;
+  if (rows >= 4) {
+    // Weight panel of one 16-column block stays in L2 while every row tile of the chunk uses it.
+    for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+      int64_t m = m_begin;
+      bool first = true;
+      for (; m + 4 <= m_end; m += 4, first = false) ok &= tile_rows<SIGN>(p, 4, 1, m, nb, check && first);
+      if (m < m_end) ok &= tile_rows<SIGN>(p, static_cast<int>(m_end - m), 1, m, nb, check && first);
+    }
+    return ok;
+  }
+  // Decode-sized M: several column blocks at once so 8 accumulators stay busy.
+  const int nblocks = rows == 1 ? 4 : rows == 2 ? 2 : 1;
+  int64_t nb = nb_begin;
+  for (; nb + nblocks <= nb_end; nb += nblocks) ok &= tile_rows<SIGN>(p, static_cast<int>(rows), nblocks, m_begin, nb, check);
+  for (; nb < nb_end; ++nb) ok &= tile_rows<SIGN>(p, static_cast<int>(rows), 1, m_begin, nb, check);
+  return ok;
+}
+
+// Packs 32 int32 (4 vectors) in [-128, 127] into 32 int8 in order.
+SPARSEQ_AVX2 inline __m256i pack_epi32_to_epi8(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  __m256i lo = _mm256_packs_epi32(q0, q1);
+  __m256i hi = _mm256_packs_epi32(q2, q3);
+  __m256i bytes = _mm256_packs_epi16(lo, hi);
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// _mm256_cvtps_epi32 rounds half to even under the default MXCSR, like torch.round.
+SPARSEQ_AVX2 inline __m256i quantize8(const void* row, OutType t, int64_t i, __m256 inv, __m256i qmax,
+                                      __m256i qmin) {
+  __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8_as_float(row, t, i), inv));
+  return _mm256_max_epi32(_mm256_min_epi32(q, qmax), qmin);
+}
+
+}  // namespace
+
+bool gemm_tiles_avx2(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
+                     int64_t nb_end) {
+  if (m_begin >= m_end || nb_begin >= nb_end) return true;
+  return p.a_sign != nullptr ? gemm_tiles<true>(p, m_begin, m_end, nb_begin, nb_end)
+                             : gemm_tiles<false>(p, m_begin, m_end, nb_begin, nb_end);
+}
+
+SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin,
+                                     int64_t m_end, int32_t qmax, uint8_t* a_u, int8_t* a_sign,
+                                     int64_t lda, float* x_scale) {
+  const size_t elem = x_type == OutType::kFloat32 ? 4 : 2;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i vqmax = _mm256_set1_epi32(qmax);
+  const __m256i vqmin = _mm256_set1_epi32(-qmax);
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(qmax + 1));
+  const bool offset_form = a_sign == nullptr;
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    const void* row = static_cast<const char*>(x) + m * k * elem;
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8_as_float(row, x_type, i), abs_mask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float absmax = _mm_cvtss_f32(m4);
+    for (; i < k; ++i) {
+      float v = __builtin_fabsf(load1_as_float(row, x_type, i));
+      absmax = v > absmax ? v : absmax;
+    }
+    if (!(absmax > 0.0f)) absmax = 1.0f;
+    const float inv = static_cast<float>(qmax) / absmax;
+    x_scale[m] = absmax / static_cast<float>(qmax);
+    const __m256 vinv = _mm256_set1_ps(inv);
+
+    uint8_t* u_row = a_u + m * lda;
+    int8_t* s_row = offset_form ? nullptr : a_sign + m * lda;
+    i = 0;
+    for (; i + 32 <= k; i += 32) {
+      __m256i q = pack_epi32_to_epi8(quantize8(row, x_type, i, vinv, vqmax, vqmin),
+                                     quantize8(row, x_type, i + 8, vinv, vqmax, vqmin),
+                                     quantize8(row, x_type, i + 16, vinv, vqmax, vqmin),
+                                     quantize8(row, x_type, i + 24, vinv, vqmax, vqmin));
+      if (offset_form) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(u_row + i), _mm256_add_epi8(q, offset));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(u_row + i), _mm256_abs_epi8(q));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s_row + i), q);
+      }
+    }
+    for (; i < k; ++i) {
+      int q = _mm_cvtss_si32(_mm_set_ss(load1_as_float(row, x_type, i) * inv));
+      q = q > qmax ? qmax : (q < -qmax ? -qmax : q);
+      if (offset_form) {
+        u_row[i] = static_cast<uint8_t>(q + qmax + 1);
+      } else {
+        u_row[i] = static_cast<uint8_t>(q < 0 ? -q : q);
+        s_row[i] = static_cast<int8_t>(q);
+      }
+    }
+    for (; i < lda; ++i) {
+      u_row[i] = 0;
+      if (!offset_form) s_row[i] = 0;
+    }
+  }
+}
+
+}  // namespace sparseq::cpu

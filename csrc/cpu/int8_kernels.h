@@ -1,0 +1,91 @@
+#pragma once
+// Raw-pointer kernel interface shared by the CPU op files (csrc/cpu/<op>.cpp, which include
+// torch) and their AVX2 micro-kernels (csrc/cpu/<op>_avx2.cpp, which must not: they are built
+// with target("avx2,fma,f16c") function attributes and nothing from torch may inline into them).
+#include <cstdint>
+
+namespace sparseq::cpu {
+
+// Output element type of a float epilogue (the x dtype of the linear ops).
+enum class OutType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One int8 GEMM problem for the shared core: C[m, n] = sum_k a[m, k] * w[n, k].
+// The activation side is given as an unsigned magnitude `a_u` plus, for the sign trick, a sign
+// source `a_sign` (a[m,k] = sign(a_sign[m,k]) * a_u[m,k]); with a_sign == nullptr the kernel
+// uses a_u directly (the 7-bit "offset" path: a_u = q + 64 <= 127, corrected by a_offset).
+// Why two forms: vpmaddubsw(u8, s8) saturates its int16 pair sums; both forms keep every pair
+// below 2^15 (|u| <= 128 with |s| <= 127, or u <= 127 with any s8), so the sums stay exact.
+struct GemmProblem {
+  const uint8_t* a_u = nullptr;    // [m, lda], zero padded to lda = 4 * k_quads
+  const int8_t* a_sign = nullptr;  // [m, lda] or nullptr
+  int64_t lda = 0;
+  const int8_t* w_packed = nullptr;  // n16k4: [ceil(n/16), k_quads, 16, 4]
+  int64_t k_quads = 0;
+  int64_t m = 0;
+  int64_t n = 0;
+  // Epilogue. Integer output when c_int32 != nullptr: C = acc (no scaling).
+  int32_t* c_int32 = nullptr;
+  // Float output otherwise: out = float(acc - a_offset * w_rowsum[n]) * (x_scale[m] * w_scale[n])
+  // + bias[n], stored as out_type.
+  void* c_out = nullptr;
+  OutType out_type = OutType::kFloat32;
+  int64_t ldc = 0;
+  int32_t a_offset = 0;
+  const int32_t* w_rowsum = nullptr;  // needed when a_offset != 0
+  const float* x_scale = nullptr;
+  const float* w_scale = nullptr;
+  const float* bias = nullptr;  // may be nullptr
+  // Sign-trick path only: set when w holds -128 (sign(a) * -128 wraps), which makes the result
+  // inexact; the caller then recomputes with the portable kernel.
+  bool check_w_min = false;
+};
+
+// Computes rows [m_begin, m_end) x 16-column blocks [nb_begin, nb_end) of `p`, epilogue
+// included. Returns false if check_w_min was set and w held -128 somewhere in that range (the
+// range's outputs are then not exact).
+bool gemm_tiles_avx2(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
+                     int64_t nb_end);
+bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
+                         int64_t nb_end);
+
+// Runs the core over the whole problem with at::parallel_for (defined in int8_gemm.cpp).
+// Returns false as gemm_tiles_* does.
+bool run_gemm(const GemmProblem& p, bool use_avx2);
+
+// Per-row symmetric activation quantization, bit-exact with sparseq/_ref.py quantize_per_row:
+// absmax (0 -> 1), inv = float(qmax) / absmax, q = round_half_even(x * inv) clamped to +-qmax,
+// x_scale = absmax / qmax. Writes row m of the kernel's activation operand:
+//   a_sign == nullptr: a_u = q + qmax + 1 (the offset form, for qmax = 63);
+//   otherwise a_u = |q|, a_sign = q.
+// K is padded to lda with zeros in both (a_u padding is harmless: packed w is zero there).
+void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin, int64_t m_end,
+                        int32_t qmax, uint8_t* a_u, int8_t* a_sign, int64_t lda, float* x_scale);
+
+// Weight-only linear: out[m, n] = sum_k x[m, k] * (w[n, k] * w_scale[n]) + bias[n].
+// x_f32 is fp32 [m, ldx] zero padded to ldx = 4 * k_quads.
+struct WeightOnlyProblem {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const int8_t* w_packed = nullptr;
+  int64_t k_quads = 0;
+  int64_t m = 0;
+  int64_t n = 0;
+  const float* w_scale = nullptr;
+  const float* bias = nullptr;
+  void* c_out = nullptr;
+  OutType out_type = OutType::kFloat32;
+  int64_t ldc = 0;
+};
+
+// Row chunks with at least this many rows dequantize weight panels (and reuse them over the rows)
+// instead of streaming the int8 weight once per row.
+constexpr int64_t kWeightOnlyPanelMinRows = 4;
+
+// Rows [m_begin, m_end) x blocks [nb_begin, nb_end). `scratch` holds
+// weight_only_scratch_floats(m_end - m_begin) floats (the many-row path's dequantized panel
+// slice and partial sums).
+int64_t weight_only_scratch_floats(int64_t rows);
+void weight_only_tiles_avx2(const WeightOnlyProblem& p, int64_t m_begin, int64_t m_end,
+                            int64_t nb_begin, int64_t nb_end, float* scratch);
+
+}  // namespace sparseq::cpu

@@ -1,0 +1,138 @@
+// CPU int8_linear (W8A8 dynamic): fused per-row activation quantization, then the shared int8
+// GEMM core (int8_gemm.cpp / int8_gemm_avx2.cpp) with the dequantization epilogue fused.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "int8_kernels.h"
+#include "sparseq/checks.h"
+#include "sparseq/cpu_features.h"
+
+namespace sparseq::cpu {
+namespace {
+
+OutType out_type_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return OutType::kBFloat16;
+    case at::kHalf: return OutType::kFloat16;
+    default: return OutType::kFloat32;
+  }
+}
+
+template <typename T>
+void quantize_rows_portable_typed(const T* x, int64_t k, int64_t m_begin, int64_t m_end, int32_t qmax,
+                                  uint8_t* a_u, int8_t* a_sign, int64_t lda, float* x_scale) {
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    const T* row = x + m * k;
+    float absmax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(static_cast<float>(row[i])));
+    if (!(absmax > 0.0f)) absmax = 1.0f;
+    const float inv = static_cast<float>(qmax) / absmax;
+    x_scale[m] = absmax / static_cast<float>(qmax);
+    uint8_t* u = a_u + m * lda;
+    int8_t* s = a_sign != nullptr ? a_sign + m * lda : nullptr;
+    for (int64_t i = 0; i < lda; ++i) {
+      int32_t q = 0;
+      if (i < k) {
+        const float scaled = static_cast<float>(row[i]) * inv;
+        // nearbyint rounds half to even in the default rounding mode, like torch.round.
+        q = static_cast<int32_t>(std::clamp(std::nearbyint(scaled), static_cast<float>(-qmax), static_cast<float>(qmax)));
+      }
+      if (s == nullptr) {
+        u[i] = i < k ? static_cast<uint8_t>(q + qmax + 1) : 0;
+      } else {
+        u[i] = static_cast<uint8_t>(q < 0 ? -q : q);
+        s[i] = static_cast<int8_t>(q);
+      }
+    }
+  }
+}
+
+void quantize_rows_portable(const at::Tensor& x, int64_t m_begin, int64_t m_end, int32_t qmax, uint8_t* a_u,
+                            int8_t* a_sign, int64_t lda, float* x_scale) {
+  const int64_t k = x.size(1);
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      quantize_rows_portable_typed(x.const_data_ptr<c10::BFloat16>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale);
+      break;
+    case at::kHalf:
+      quantize_rows_portable_typed(x.const_data_ptr<c10::Half>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale);
+      break;
+    default:
+      quantize_rows_portable_typed(x.const_data_ptr<float>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale);
+  }
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                           const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+  check_float_activation(x);
+  const int64_t n = check_packed_weight(x, w_packed, w_scale, bias);
+  TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.dim() == 1 && w_rowsum.size(0) == n &&
+                  w_rowsum.is_contiguous() && w_rowsum.device() == x.device(),
+              "sparseq: w_rowsum must be a contiguous int32 vector of N=", n, " elements on x's device, got ",
+              w_rowsum.scalar_type(), " ", w_rowsum.sizes());
+  TORCH_CHECK(act_qmax == 63 || act_qmax == 127,
+              "sparseq: act_qmax must be 127 (8-bit activations) or 63 (7-bit), got ", act_qmax);
+  const int64_t m = x.size(0), k = x.size(1);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+
+  const bool use_avx2 = cpu_has_avx2_fma();
+  const int32_t qmax = static_cast<int32_t>(act_qmax);
+  // 7-bit activations go unsigned as q + 64 in [1, 127]: vpmaddubsw stays exact with no sign
+  // op (the fastest path), corrected by 64 * rowsum. 8-bit ones use the sign trick.
+  const bool offset_form = qmax == 63;
+  const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
+  at::Tensor a_u = at::empty({m, lda}, x.options().dtype(at::kByte));
+  at::Tensor a_sign;
+  if (!offset_form) a_sign = at::empty({m, lda}, x.options().dtype(at::kChar));
+  at::Tensor x_scale = at::empty({m}, x.options().dtype(at::kFloat));
+  uint8_t* u_ptr = a_u.mutable_data_ptr<uint8_t>();
+  int8_t* s_ptr = offset_form ? nullptr : a_sign.mutable_data_ptr<int8_t>();
+  float* scale_ptr = x_scale.mutable_data_ptr<float>();
+  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
+    if (use_avx2) {
+      quantize_rows_avx2(x.const_data_ptr(), out_type_of(x), k, b, e, qmax, u_ptr, s_ptr, lda, scale_ptr);
+    } else {
+      quantize_rows_portable(x, b, e, qmax, u_ptr, s_ptr, lda, scale_ptr);
+    }
+  });
+
+  at::Tensor bias_f32;
+  if (bias.has_value()) bias_f32 = bias->to(at::kFloat).contiguous();
+  GemmProblem p;
+  p.a_u = u_ptr;
+  p.a_sign = s_ptr;
+  p.lda = lda;
+  p.w_packed = w_packed.const_data_ptr<int8_t>();
+  p.k_quads = k_quads;
+  p.m = m;
+  p.n = n;
+  p.c_out = out.mutable_data_ptr();
+  p.out_type = out_type_of(x);
+  p.ldc = n;
+  p.a_offset = offset_form ? qmax + 1 : 0;
+  p.w_rowsum = w_rowsum.const_data_ptr<int32_t>();
+  p.x_scale = scale_ptr;
+  p.w_scale = w_scale.const_data_ptr<float>();
+  p.bias = bias.has_value() ? bias_f32.const_data_ptr<float>() : nullptr;
+  p.check_w_min = !offset_form;
+  if (!run_gemm(p, use_avx2)) {
+    // A weight of -128 (PackedInt8Weight never makes one) breaks the sign trick; redo exactly.
+    TORCH_WARN_ONCE("sparseq: int8_linear weight holds -128; using the slow exact path (pack weights with "
+                    "sparseq.PackedInt8Weight, which keeps them in [-127, 127])");
+    run_gemm(p, /*use_avx2=*/false);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sparseq::cpu
+
+TORCH_LIBRARY_IMPL(sparseq, CPU, m) { m.impl("int8_linear", &sparseq::cpu::int8_linear_cpu); }
