@@ -255,3 +255,14 @@ def test_cuda_layer_matches_cpu_layer(kind):
     assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
     assert sqnr_db(linear(x), out.float().cpu()) >= floor - 3  # bf16 input rounding costs a little
     torch.testing.assert_close(on_gpu(x.cuda()).cpu(), layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_act_bits_is_7_on_cpu():
+    linear = gaussian_linear(64, 48)
+    auto = Int8Linear.from_dense(linear)
+    assert auto.act_bits == "auto" and auto.act_bits_for(torch.device("cpu")) == 7
+    assert auto.act_bits_for(torch.device("cuda")) == 8
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(auto(x), Int8Linear.from_dense(linear, act_bits=7)(x))
+    assert "act_bits=auto" in repr(auto)
