@@ -10,7 +10,8 @@
 // zero-fill out of range) keeps kStages - 1 tiles in flight in shared memory; warps read their
 // fragments with ldmatrix (row-major tiles) or 32-bit shared loads (packed tiles) and issue mma.
 //
-// Requirements the host side guarantees (see prepare_*_operand in the .cu files):
+// Requirements the host side guarantees (int8_gemm.cu: prepare_rowmajor_operand; int8_linear.cu:
+// the padded q buffer and the aligned packed weight):
 //   * A's leading dimension lda and its K extent kd are multiples of 16 and A's base is 16-byte
 //     aligned, so every 16-byte chunk of a row is either fully inside or fully outside [0, kd);
 //   * row-major B likewise (ldb, base); packed B's base is 16-byte aligned (its 64-byte rows
@@ -25,82 +26,10 @@
 
 #include <cstdint>
 
+#include "int8_mma_layout.h"
+
 namespace sparseq {
 namespace cuda {
-
-constexpr int kTileK = 64;        // bytes of K per pipeline stage (two k32 mma steps)
-constexpr int kChunksPerRow = 4;  // 16-byte chunks in one 64-byte row of a row-major tile
-
-// ---------------------------------------------------------------------------------------------
-// Shared-memory layouts (byte offsets inside one operand tile of one stage).
-//
-// Row-major tile: ROWS x 64 bytes. Chunk ch (16 bytes) of row r is stored at chunk position
-// ch ^ ((r >> 1) & 3): the 8 row addresses an ldmatrix phase reads (rows r..r+7, same logical
-// chunk) then land in 8 distinct 16-byte bank groups.
-__host__ __device__ constexpr int rowmajor_offset(int row, int chunk) {
-  return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4);
-}
-
-// Packed n16k4 tile: (BN/16) blocks x 16 k-quads x [16 outputs x 4 bytes] = 64-byte rows, as in
-// global memory. Chunk ch of row (block, kq) is stored at ch ^ (kq & 2): a B-fragment load (lanes
-// g = 0..7 read outputs h+g, lanes t = 0..3 read k-quads kq0+t) then hits 32 distinct banks.
-__host__ __device__ constexpr int packed_offset(int block, int kq, int chunk) {
-  return (block * 16 + kq) * 64 + ((chunk ^ (kq & 2)) << 4);
-}
-// Byte offset of the 32-bit word (output `out` of 16, k-quad kq) in a packed tile.
-__host__ __device__ constexpr int packed_word_offset(int block, int kq, int out) {
-  return packed_offset(block, kq, out >> 2) + ((out & 3) << 2);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fragment addressing for mma.m16n8k32 (PTX ISA, "Matrix Fragments for mma.m16n8k32"): with
-// g = lane / 4 and t = lane % 4 and viewing 4 int8 values as one 32-bit word,
-//   A (16 x 32, row): a0 = A[g][word t], a1 = A[g+8][word t], a2 = A[g][word t+4], a3 = A[g+8][word t+4]
-//   B (32 x 8, col):  b0 = B^T[g][word t], b1 = B^T[g][word t+4]       (B^T = row n of b [N,K])
-//   C (16 x 8):       c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1]
-// ldmatrix.x4 gives lane l the word (row l/4, word l%4) of matrix q in its register q, where
-// matrix q's 8 row addresses come from lanes 8q..8q+7. So for A (16 rows at m, k32 step kstep):
-// matrices = (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31), (rows 8-15, k 16-31).
-__host__ __device__ constexpr int a_ldmatrix_row(int lane) { return lane & 15; }
-__host__ __device__ constexpr int a_ldmatrix_chunk(int lane, int kstep) { return kstep * 2 + (lane >> 4); }
-// For two n8 tiles of row-major B (16 rows at n): matrices = (n 0-7, k 0-15) -> b0 of tile 0,
-// (n 0-7, k 16-31) -> b1 of tile 0, (n 8-15, k 0-15) -> b0 of tile 1, (n 8-15, k 16-31) -> b1 of tile 1.
-__host__ __device__ constexpr int b_ldmatrix_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
-__host__ __device__ constexpr int b_ldmatrix_chunk(int lane, int kstep) { return kstep * 2 + ((lane >> 3) & 1); }
-
-// ---------------------------------------------------------------------------------------------
-// Tile shapes. Warps are laid out kWarpsM x kWarpsN; each owns a (kMT*16) x (kNT*8) sub-tile.
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
-struct TileConfig {
-  static constexpr int kBM = BM, kBN = BN, kStages = STAGES;
-  static constexpr int kWarpsN = WARPS_N;
-  static constexpr int kThreads = 32 * WARPS_M * WARPS_N;
-  static constexpr int kWM = BM / WARPS_M, kWN = BN / WARPS_N;
-  static constexpr int kMT = kWM / 16, kNT = kWN / 8;
-  static constexpr int kATileBytes = BM * kTileK, kBTileBytes = BN * kTileK;
-  static constexpr int kStageBytes = kATileBytes + kBTileBytes;
-  static constexpr int kSmemBytes = STAGES * kStageBytes;
-  static_assert(kWM % 16 == 0 && kWN % 16 == 0, "warp tile must be whole m16 tiles and n8 pairs");
-  static_assert(BN % 16 == 0, "packed B tiles are whole 16-output blocks");
-  static_assert((BM * kChunksPerRow) % kThreads == 0 && (BN * kChunksPerRow) % kThreads == 0,
-                "every thread copies the same number of 16-byte chunks");
-  static_assert(STAGES >= 2, "pipeline needs at least two stages");
-};
-// 128x128: the compute-bound shape (2 CTAs of 64 KiB shared memory fit an SM on sm_80/sm_90).
-using LargeTile = TileConfig<128, 128, 2, 4, 4>;
-// Narrower tiles give enough CTAs to fill the GPU when M or N is small.
-using MediumTile = TileConfig<32, 64, 1, 4, 4>;
-using SmallTile = TileConfig<32, 32, 1, 2, 4>;
-
-// Operands as the kernel sees them (see the requirements at the top of this file).
-struct GemmOperands {
-  const int8_t* a;
-  const int8_t* b;
-  int64_t lda;
-  int64_t ldb;  // row-major B: row stride; packed B: number of k-quads per 16-output block (KQ)
-  int m, n;
-  int kd;       // K extent of A (multiple of 16); row-major B has the same, packed B covers 4*KQ
-};
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers (sm_80+: cp.async, ldmatrix, int8 mma).
@@ -151,7 +80,7 @@ __device__ __forceinline__ void load_rowmajor_tile(uint32_t tile, const int8_t* 
 #pragma unroll
   for (int i = 0; i < ROWS * kChunksPerRow / THREADS; ++i) {
     const int c = tid + i * THREADS;
-    const int r = c / kChunksPerRow, ch = c % kChunksPerRow;
+    const int r = rowmajor_copy_row(c), ch = rowmajor_copy_chunk(c);
     const int grow = row0 + r, gk = k0 + ch * 16;
     const bool valid = grow < rows && gk < kd;
     const int8_t* src = valid ? g + static_cast<int64_t>(grow) * ld + gk : g;
@@ -166,7 +95,7 @@ __device__ __forceinline__ void load_packed_tile(uint32_t tile, const int8_t* w,
 #pragma unroll
   for (int i = 0; i < BN * kChunksPerRow / THREADS; ++i) {
     const int c = tid + i * THREADS;
-    const int blk = c / 64, kq = (c / 4) % 16, ch = c % 4;
+    const int blk = packed_copy_block(c), kq = packed_copy_kq(c), ch = packed_copy_chunk(c);
     const bool valid = blk0 + blk < blocks && kq0 + kq < kquads;
     const int8_t* src = valid ? w + ((static_cast<int64_t>(blk0 + blk) * kquads + kq0 + kq) * 64 + ch * 16) : w;
     cp_async_16(tile + packed_offset(blk, kq, ch), src, valid);
@@ -183,7 +112,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) int8_mma_gemm_kernel(const Gemm
   const uint32_t smem_base = smem_addr(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
-  const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * Cfg::kBM, n0 = blockIdx.y * Cfg::kBN;
   const int k_tiles = (ops.kd + kTileK - 1) / kTileK;
 
@@ -231,25 +159,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) int8_mma_gemm_kernel(const Gemm
       uint32_t af[Cfg::kMT][4];
       uint32_t bf[Cfg::kNT][2];
 #pragma unroll
-      for (int i = 0; i < Cfg::kMT; ++i) {
-        const int row = warp_m * Cfg::kWM + i * 16 + a_ldmatrix_row(lane);
-        ldmatrix_x4(af[i], a_tile + rowmajor_offset(row, a_ldmatrix_chunk(lane, kstep)));
-      }
+      for (int i = 0; i < Cfg::kMT; ++i) ldmatrix_x4(af[i], a_tile + a_fragment_offset<Cfg>(warp_m, i, lane, kstep));
       if constexpr (kPackedB) {
 #pragma unroll
         for (int j = 0; j < Cfg::kNT; ++j) {
-          const int n_local = warp_n * Cfg::kWN + j * 8;
-          const int blk = n_local / 16, out = (n_local % 16) + g;
-          const int kq = kstep * 8 + t;
-          bf[j][0] = lds_u32(b_tile + packed_word_offset(blk, kq, out));
-          bf[j][1] = lds_u32(b_tile + packed_word_offset(blk, kq + 4, out));
+          bf[j][0] = lds_u32(b_tile + b_fragment_packed_offset<Cfg>(warp_n, j, lane, kstep, 0));
+          bf[j][1] = lds_u32(b_tile + b_fragment_packed_offset<Cfg>(warp_n, j, lane, kstep, 1));
         }
       } else {
 #pragma unroll
         for (int jp = 0; jp < Cfg::kNT / 2; ++jp) {
-          const int row = warp_n * Cfg::kWN + jp * 16 + b_ldmatrix_row(lane);
           uint32_t r[4];
-          ldmatrix_x4(r, b_tile + rowmajor_offset(row, b_ldmatrix_chunk(lane, kstep)));
+          ldmatrix_x4(r, b_tile + b_fragment_pair_offset<Cfg>(warp_n, jp, lane, kstep));
           bf[2 * jp][0] = r[0];
           bf[2 * jp][1] = r[1];
           bf[2 * jp + 1][0] = r[2];
@@ -268,8 +189,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) int8_mma_gemm_kernel(const Gemm
   for (int i = 0; i < Cfg::kMT; ++i) {
 #pragma unroll
     for (int j = 0; j < Cfg::kNT; ++j) {
-      const int row = m0 + warp_m * Cfg::kWM + i * 16 + g;
-      const int col = n0 + warp_n * Cfg::kWN + j * 8 + 2 * t;
+      const int row = m0 + acc_row<Cfg>(warp_m, i, lane, 0);
+      const int col = n0 + acc_col<Cfg>(warp_n, j, lane, 0);
       if (col < ops.n) {
         if (row < ops.m) epi(row, col, acc[i][j][0], acc[i][j][1]);
         if (row + 8 < ops.m) epi(row + 8, col, acc[i][j][2], acc[i][j][3]);
