@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for bench/ scripts too
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 failed=()

@@ -26,6 +26,8 @@ __global__ void __launch_bounds__(kQuantThreads)
   const int64_t row = blockIdx.x;
   const T* xr = x + row * k;
   float amax = 0.f;
+  // Unrolled so that several loads are in flight: for one row (decoding) this loop is latency bound.
+#pragma unroll 8
   for (int i = threadIdx.x; i < k; i += kQuantThreads) amax = fmaxf(amax, fabsf(static_cast<float>(xr[i])));
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -43,6 +45,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   // Four columns per thread so each store is one aligned 32-bit word (kq_stride % 16 == 0).
   uint32_t* qr = reinterpret_cast<uint32_t*>(q + row * kq_stride);
   const int words = static_cast<int>(kq_stride / 4);
+#pragma unroll 4
   for (int wi = threadIdx.x; wi < words; wi += kQuantThreads) {
     uint32_t packed = 0;
 #pragma unroll

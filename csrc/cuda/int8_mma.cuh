@@ -106,7 +106,7 @@ __device__ __forceinline__ void load_packed_tile(uint32_t tile, const int8_t* w,
 // The epilogue functor is called with (row, col, v0, v1): C[row][col] = v0 and, when col + 1 < n,
 // C[row][col + 1] = v1 (col is even). The kernel guarantees row < m and col < n.
 template <class Cfg, bool kPackedB, class Epilogue>
-__global__ void __launch_bounds__(Cfg::kThreads) int8_mma_gemm_kernel(const GemmOperands ops, const Epilogue epi) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) int8_mma_gemm_kernel(const GemmOperands ops, const Epilogue epi) {
 #ifdef SPARSEQ_MMA_ENABLED
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t smem_base = smem_addr(smem);

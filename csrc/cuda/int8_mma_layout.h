@@ -19,9 +19,10 @@ constexpr int kChunksPerRow = 4;  // 16-byte chunks in one 64-byte row of a row-
 
 // ---------------------------------------------------------------------------------------------
 // Tile shapes. Warps are laid out kWarpsM x kWarpsN; each owns a (kMT*16) x (kNT*8) sub-tile.
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS = 1>
 struct TileConfig {
   static constexpr int kBM = BM, kBN = BN, kStages = STAGES;
+  static constexpr int kMinBlocks = MIN_BLOCKS;  // CTAs per SM the register budget must allow
   static constexpr int kWarpsM = WARPS_M, kWarpsN = WARPS_N;
   static constexpr int kThreads = 32 * WARPS_M * WARPS_N;
   static constexpr int kWM = BM / WARPS_M, kWN = BN / WARPS_N;
@@ -35,11 +36,13 @@ struct TileConfig {
                 "every thread copies the same number of 16-byte chunks");
   static_assert(STAGES >= 2, "pipeline needs at least two stages");
 };
-// 128x128: the compute-bound shape (2 CTAs of 64 KiB shared memory fit an SM on sm_80/sm_90).
-using LargeTile = TileConfig<128, 128, 2, 4, 4>;
-// Narrower tiles give enough CTAs to fill the GPU when M or N is small.
+// 128x128: the compute-bound shape. Two CTAs per SM (2 x 64 KiB shared memory fit on sm_80 and
+// sm_90) hide each other's barriers; that caps registers at 128 per thread.
+using LargeTile = TileConfig<128, 128, 2, 4, 4, 2>;
+// Narrower tiles give enough CTAs to fill the GPU when M or N is small. Small M is bound by
+// streaming B, so the smallest tile keeps more stages (7 x 2 KiB of B) in flight per CTA.
 using MediumTile = TileConfig<32, 64, 1, 4, 4>;
-using SmallTile = TileConfig<32, 32, 1, 2, 4>;
+using SmallTile = TileConfig<32, 32, 1, 2, 8>;
 
 // Operands as the kernel sees them (see the requirements at the top of int8_mma.cuh).
 struct GemmOperands {
