@@ -70,7 +70,8 @@ class TestCudaKernels:
     # M, N, K: tails of every tile (M=1, 17, 4097; N=1, 15, 17; K=1, 3, 67, 4099, multiples of 16
     # but not of 64), and shapes that pick each tile size (small, medium, 128x128) on an H100/A100.
     GEMM_SHAPES = [(1, 1, 1), (1, 15, 3), (17, 17, 67), (4097, 17, 35), (33, 1, 4099), (17, 15, 16),
-                   (64, 64, 80), (130, 4096, 48), (2048, 1152, 96), (129, 257, 515), (5, 3, 0), (0, 4, 8)]
+                   (64, 64, 80), (130, 4096, 48), (2048, 1152, 96), (2049, 1153, 99), (129, 257, 515),
+                   (5, 3, 0), (0, 4, 8)]
 
     @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
     def test_int8_gemm_exact(self, m, n, k):
@@ -94,7 +95,7 @@ class TestCudaKernels:
         assert torch.equal(torch.ops.sparseq.int8_gemm(a_view, b_view).cpu(), _ref.int8_gemm(a, b))
 
     @pytest.mark.parametrize("m,n,k", [(1, 17, 1), (17, 15, 67), (4097, 17, 35), (33, 1, 4099), (3, 40, 3),
-                                       (130, 4096, 64), (2048, 1152, 96)])
+                                       (130, 4096, 64), (2048, 1152, 96), (2049, 1153, 99)])
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("act_qmax", [127, 63])
     @pytest.mark.parametrize("with_bias", [False, True])
