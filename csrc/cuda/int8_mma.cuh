@@ -189,11 +189,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) int8_mma_gemm_
   for (int i = 0; i < Cfg::kMT; ++i) {
 #pragma unroll
     for (int j = 0; j < Cfg::kNT; ++j) {
-      const int row = m0 + acc_row<Cfg>(warp_m, i, lane, 0);
+      const int row_lo = m0 + acc_row<Cfg>(warp_m, i, lane, 0);  // c0, c1
+      const int row_hi = m0 + acc_row<Cfg>(warp_m, i, lane, 2);  // c2, c3
       const int col = n0 + acc_col<Cfg>(warp_n, j, lane, 0);
       if (col < ops.n) {
-        if (row < ops.m) epi(row, col, acc[i][j][0], acc[i][j][1]);
-        if (row + 8 < ops.m) epi(row + 8, col, acc[i][j][2], acc[i][j][3]);
+        if (row_lo < ops.m) epi(row_lo, col, acc[i][j][0], acc[i][j][1]);
+        if (row_hi < ops.m) epi(row_hi, col, acc[i][j][2], acc[i][j][3]);
       }
     }
   }
