@@ -38,6 +38,11 @@ def _want_cuda(torch_mod):
 def _extensions():
     if os.environ.get("SPARSEQ_BUILD_EXT", "1") == "0":
         return [], {}
+    # torch derives CUDA_HOME from `which nvcc`; where nvcc is a wrapper script outside the
+    # toolkit (/usr/local/bin/nvcc here) that guess misses libcudart, so prefer the toolkit.
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isfile(
+            "/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
