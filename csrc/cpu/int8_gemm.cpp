@@ -133,43 +133,49 @@ void pack_n16k4(const int8_t* b, int64_t n, int64_t k, int8_t* packed) {
 // b = -128 (-(-128) -> -128). Every int16 pair sum still fits (|a| <= 128, so they lie in
 // [-32768, 32512]), so c is exact for the wrapped operand, and the true product adds
 // 256 * |a[m, k]| for each k with b[n, k] = -128 and a[m, k] < 0. Cost: M adds per -128 in b.
+// Runs only after the AVX2 kernel (the portable one multiplies in int32 and never wraps).
 void add_wrapped_int8_min_correction(const int8_t* a, const int8_t* b, int64_t m, int64_t k, int64_t n,
                                      int32_t* c) {
   // neg_t [k, m] = max(-a, 0): the magnitudes each correction adds, one contiguous row per k.
+  // Transposed through a small block buffer, so both sides are read and written a line at a time
+  // (a column walk of `a` would hit one L1 set per 4 KiB of row stride).
   std::vector<uint8_t> neg_t(static_cast<size_t>(k * m));
-  constexpr int64_t kTransposeBlock = 64;
-  at::parallel_for(0, (k + kTransposeBlock - 1) / kTransposeBlock, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kBlock = 64;
+  at::parallel_for(0, (k + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    uint8_t block[kBlock][kBlock];
     for (int64_t kb = begin; kb < end; ++kb) {
-      const int64_t k0 = kb * kTransposeBlock, k1 = std::min(k, k0 + kTransposeBlock);
-      for (int64_t r0 = 0; r0 < m; r0 += kTransposeBlock) {
-        const int64_t r1 = std::min(m, r0 + kTransposeBlock);
-        for (int64_t i = k0; i < k1; ++i)
-          for (int64_t r = r0; r < r1; ++r) {
-            const int32_t v = a[r * k + i];
-            neg_t[i * m + r] = static_cast<uint8_t>(v < 0 ? -v : 0);
+      const int64_t k0 = kb * kBlock, kw = std::min(kBlock, k - k0);
+      for (int64_t r0 = 0; r0 < m; r0 += kBlock) {
+        const int64_t rw = std::min(kBlock, m - r0);
+        for (int64_t r = 0; r < rw; ++r)
+          for (int64_t i = 0; i < kw; ++i) {
+            const int32_t v = a[(r0 + r) * k + k0 + i];
+            block[i][r] = static_cast<uint8_t>(v < 0 ? -v : 0);
           }
+        for (int64_t i = 0; i < kw; ++i) std::memcpy(neg_t.data() + (k0 + i) * m + r0, block[i], static_cast<size_t>(rw));
       }
     }
   });
-  // Columns in groups of 8: their sums are gathered in corr [8, m] and then added to c row by row.
-  constexpr int64_t kGroup = 8;
+  // Columns in groups of 16: their sums are gathered in corr [16, m] and then added to c row by
+  // row, one 64-byte line of c per row (c's rows are often 4 KiB-aliased: touch each line once).
+  constexpr int64_t kGroup = 16;
   at::parallel_for(0, (n + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> corr(static_cast<size_t>(kGroup * m));
+    std::vector<const uint8_t*> hit_rows;
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * kGroup, cols = std::min(kGroup, n - n0);
       bool any = false;
       std::fill(corr.begin(), corr.end(), 0);
       for (int64_t j = 0; j < cols; ++j) {
         const int8_t* b_row = b + (n0 + j) * k;
-        int32_t* __restrict dst = corr.data() + j * m;
-        const int8_t* hit = b_row;
         const int8_t* b_end = b_row + k;
-        while ((hit = static_cast<const int8_t*>(std::memchr(hit, 0x80, static_cast<size_t>(b_end - hit)))) != nullptr) {
-          const uint8_t* __restrict src = neg_t.data() + (hit - b_row) * m;
-          for (int64_t r = 0; r < m; ++r) dst[r] += src[r];
-          any = true;
-          ++hit;
-        }
+        hit_rows.clear();
+        for (const int8_t* hit = b_row;
+             (hit = static_cast<const int8_t*>(std::memchr(hit, 0x80, static_cast<size_t>(b_end - hit)))) != nullptr; ++hit)
+          hit_rows.push_back(neg_t.data() + (hit - b_row) * m);
+        if (hit_rows.empty()) continue;
+        add_u8_rows_avx2(hit_rows.data(), static_cast<int64_t>(hit_rows.size()), m, corr.data() + j * m);
+        any = true;
       }
       if (!any) continue;
       for (int64_t r = 0; r < m; ++r)

@@ -211,6 +211,27 @@ bool gemm_tiles_avx2(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64
                              : gemm_tiles<false>(p, m_begin, m_end, nb_begin, nb_end);
 }
 
+SPARSEQ_AVX2 void add_u8_rows_avx2(const uint8_t* const* rows, int64_t count, int64_t m, int32_t* dst) {
+  constexpr int64_t kRowsPerU16Sum = 256;  // 256 * 255 < 65536
+  int64_t r = 0;
+  for (; r + 16 <= m; r += 16) {
+    __m256i sum32_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + r));
+    __m256i sum32_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + r + 8));
+    for (int64_t i0 = 0; i0 < count; i0 += kRowsPerU16Sum) {
+      const int64_t i1 = std::min(count, i0 + kRowsPerU16Sum);
+      __m256i sum16 = _mm256_setzero_si256();
+      for (int64_t i = i0; i < i1; ++i)
+        sum16 = _mm256_add_epi16(sum16, _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + r))));
+      sum32_lo = _mm256_add_epi32(sum32_lo, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(sum16)));
+      sum32_hi = _mm256_add_epi32(sum32_hi, _mm256_cvtepu16_epi32(_mm256_extracti128_si256(sum16, 1)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r), sum32_lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r + 8), sum32_hi);
+  }
+  for (; r < m; ++r)
+    for (int64_t i = 0; i < count; ++i) dst[r] += rows[i][r];
+}
+
 SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin,
                                      int64_t m_end, int32_t qmax, uint8_t* a_u, int8_t* a_sign,
                                      int64_t lda, float* x_scale) {
