@@ -9,12 +9,15 @@
 
 namespace sparseq::cpu {
 
+// Column chunks per thread for many-row problems: threads claim them from a shared counter, so
+// a thread slowed by another process on its core does not hold up the rest.
+constexpr int64_t kChunksPerThread = 4;
+
 // Calls fn(m_begin, m_end, nb_begin, nb_end) over disjoint chunks covering the whole output.
-// Column blocks are split into kChunksPerThread chunks per thread; rows into chunks of at most
-// `max_chunk_rows` (activation chunk fits in L2) and, when there are too few column blocks to
-// feed every thread, into one chunk per thread. Threads claim chunks from a shared counter rather
-// than a fixed share, so a thread slowed by another process on its core does not hold up the
-// rest. Problems under `serial_macs` multiply-adds run on the calling thread.
+// Column blocks are split into kChunksPerThread chunks per thread (one when M < row_multiple);
+// rows into chunks of at most `max_chunk_rows` (activation chunk fits in L2) and, when there are
+// too few column blocks to feed every thread, into one chunk per thread. Problems under
+// `serial_macs` multiply-adds run on the calling thread.
 template <typename Fn>
 void parallel_tiles(int64_t m, int64_t n_blocks, int64_t k, int64_t max_chunk_rows, int64_t row_multiple,
                     const Fn& fn) {
@@ -30,8 +33,9 @@ void parallel_tiles(int64_t m, int64_t n_blocks, int64_t k, int64_t max_chunk_ro
   if (n_blocks < 2 * threads) rows = std::min(rows, round_up((m + threads - 1) / threads));
   rows = std::max<int64_t>(1, rows);
   const int64_t row_chunks = (m + rows - 1) / rows;
-  constexpr int64_t kChunksPerThread = 4;
-  const int64_t col_chunk = std::max<int64_t>(1, (n_blocks + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
+  // Decode-sized M streams the weight: one contiguous share per thread suits the prefetchers.
+  const int64_t chunks_per_thread = m < row_multiple ? 1 : kChunksPerThread;
+  const int64_t col_chunk = std::max<int64_t>(1, (n_blocks + threads * chunks_per_thread - 1) / (threads * chunks_per_thread));
   const int64_t col_chunks = (n_blocks + col_chunk - 1) / col_chunk;
   const int64_t tasks = row_chunks * col_chunks;
   std::atomic<int64_t> next_task{0};
