@@ -2,7 +2,6 @@
 // int8_linear runs too. The AVX2 micro-kernels live in int8_gemm_avx2.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -108,8 +107,8 @@ void split_magnitude_sign(const int8_t* a, int64_t m, int64_t k, int64_t lda, ui
   });
 }
 
-// b [n, k] -> n16k4 (see sparseq/packed_int8.h), optionally replacing -128 by -127.
-void pack_n16k4(const int8_t* b, int64_t n, int64_t k, bool clamp_min, int8_t* packed) {
+// b [n, k] -> n16k4 (see sparseq/packed_int8.h).
+void pack_n16k4(const int8_t* b, int64_t n, int64_t k, int8_t* packed) {
   const int64_t n_blocks = packed_blocks_n(n), k_quads = packed_quads_k(k);
   const int64_t full_quads = k / 4;
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -126,67 +125,81 @@ void pack_n16k4(const int8_t* b, int64_t n, int64_t k, bool clamp_min, int8_t* p
           for (int j = 0; j < 4; ++j) d[j] = (row < n && 4 * q + j < k) ? b[row * k + 4 * q + j] : 0;
         }
       }
-      if (clamp_min) {
-        for (int64_t i = 0; i < k_quads * 64; ++i) dst[i] = std::max<int8_t>(dst[i], -127);
-      }
     }
   });
 }
 
-// c [m, n] -= a @ e.T where e[n, k] = 1 where b[n, k] == -128: the correction for computing
-// with b' = b with -128 -> -127 (b = b' - e).
-void subtract_int8_min_correction(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
-  const at::Tensor a_t = a.t().contiguous();  // [k, m]: each correction is one contiguous row
-  at::Tensor corr_t = at::zeros({n, m}, c.options());
-  const int8_t* at_data = a_t.const_data_ptr<int8_t>();
-  const int8_t* b_data = b.const_data_ptr<int8_t>();
-  int32_t* corr = corr_t.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t col = begin; col < end; ++col) {
-      int32_t* dst = corr + col * m;
-      for (int64_t i = 0; i < k; ++i) {
-        if (b_data[col * k + i] != -128) continue;
-        const int8_t* src = at_data + i * m;
-        for (int64_t r = 0; r < m; ++r) dst[r] += src[r];
+// The AVX2 sign trick multiplies |a| by vpsignb(b, a), which is -b where a < 0 and wraps for
+// b = -128 (-(-128) -> -128). Every int16 pair sum still fits (|a| <= 128, so they lie in
+// [-32768, 32512]), so c is exact for the wrapped operand, and the true product adds
+// 256 * |a[m, k]| for each k with b[n, k] = -128 and a[m, k] < 0. Cost: M adds per -128 in b.
+// Runs only after the AVX2 kernel (the portable one multiplies in int32 and never wraps).
+void add_wrapped_int8_min_correction(const int8_t* a, const int8_t* b, int64_t m, int64_t k, int64_t n,
+                                     int32_t* c) {
+  // neg_t [k, m] = max(-a, 0): the magnitudes each correction adds, one contiguous row per k.
+  // Transposed through a small block buffer, so both sides are read and written a line at a time
+  // (a column walk of `a` would hit one L1 set per 4 KiB of row stride).
+  std::vector<uint8_t> neg_t(static_cast<size_t>(k * m));
+  constexpr int64_t kBlock = 64;
+  at::parallel_for(0, (k + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    uint8_t block[kBlock][kBlock];
+    for (int64_t kb = begin; kb < end; ++kb) {
+      const int64_t k0 = kb * kBlock, kw = std::min(kBlock, k - k0);
+      for (int64_t r0 = 0; r0 < m; r0 += kBlock) {
+        const int64_t rw = std::min(kBlock, m - r0);
+        for (int64_t r = 0; r < rw; ++r)
+          for (int64_t i = 0; i < kw; ++i) {
+            const int32_t v = a[(r0 + r) * k + k0 + i];
+            block[i][r] = static_cast<uint8_t>(v < 0 ? -v : 0);
+          }
+        for (int64_t i = 0; i < kw; ++i) std::memcpy(neg_t.data() + (k0 + i) * m + r0, block[i], static_cast<size_t>(rw));
       }
     }
   });
-  c.sub_(corr_t.t());
+  // Columns in groups of 16: their sums are gathered in corr [16, m] and then added to c row by
+  // row, one 64-byte line of c per row (c's rows are often 4 KiB-aliased: touch each line once).
+  constexpr int64_t kGroup = 16;
+  at::parallel_for(0, (n + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> corr(static_cast<size_t>(kGroup * m));
+    std::vector<const uint8_t*> hit_rows;
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g * kGroup, cols = std::min(kGroup, n - n0);
+      bool any = false;
+      std::fill(corr.begin(), corr.end(), 0);
+      for (int64_t j = 0; j < cols; ++j) {
+        const int8_t* b_row = b + (n0 + j) * k;
+        const int8_t* b_end = b_row + k;
+        hit_rows.clear();
+        for (const int8_t* hit = b_row;
+             (hit = static_cast<const int8_t*>(std::memchr(hit, 0x80, static_cast<size_t>(b_end - hit)))) != nullptr; ++hit)
+          hit_rows.push_back(neg_t.data() + (hit - b_row) * m);
+        if (hit_rows.empty()) continue;
+        add_u8_rows_avx2(hit_rows.data(), static_cast<int64_t>(hit_rows.size()), m, corr.data() + j * m);
+        any = true;
+      }
+      if (!any) continue;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < cols; ++j)
+          c[r * n + n0 + j] = static_cast<int32_t>(static_cast<uint32_t>(c[r * n + n0 + j]) +
+                                                   (static_cast<uint32_t>(corr[j * m + r]) << 8));
+    }
+  });
 }
 
-// Share of -128 among (at most) the first 256 KiB: only steers which operand is clamped and
-// corrected (the correction costs M*N*K times that operand's share); either choice is exact.
-double sampled_int8_min_share(const int8_t* data, int64_t count) {
-  const int64_t sample = std::min<int64_t>(count, 256 * 1024);
-  int64_t found = 0;
-  for (int64_t i = 0; i < sample; ++i) found += data[i] == -128;
-  return sample > 0 ? static_cast<double>(found) / static_cast<double>(sample) : 0.0;
-}
-
-at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2, bool allow_swap) {
+at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();
   const int8_t* a_data = a.const_data_ptr<int8_t>();
   const int8_t* b_data = b.const_data_ptr<int8_t>();
-  // The sign trick (u = |a|, s = sign(a) * b) is exact while b has no -128 (its negation
-  // wraps). So b gets the operand with no -128, or else the one with fewer (clamped, then
-  // corrected); swapping operands computes the transposed product.
-  const bool b_has_min = contains_int8_min(b_data, n * k);
-  if (b_has_min && allow_swap) {
-    const bool a_has_min = contains_int8_min(a_data, m * k);
-    if (!a_has_min || sampled_int8_min_share(a_data, m * k) < sampled_int8_min_share(b_data, n * k))
-      return int8_gemm_impl(b, a, use_avx2, /*allow_swap=*/false).t().contiguous();
-  }
 
   const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
   at::Tensor a_u = at::empty({m, lda}, a.options().dtype(at::kByte));
   at::Tensor a_sign = at::empty({m, lda}, a.options());
   split_magnitude_sign(a_data, m, k, lda, a_u.mutable_data_ptr<uint8_t>(), a_sign.mutable_data_ptr<int8_t>());
   at::Tensor b_packed = at::empty({packed_blocks_n(n), k_quads, kPackN, kPackK}, b.options());
-  pack_n16k4(b_data, n, k, b_has_min, b_packed.mutable_data_ptr<int8_t>());
+  pack_n16k4(b_data, n, k, b_packed.mutable_data_ptr<int8_t>());
 
   GemmProblem p;
   p.a_u = a_u.const_data_ptr<uint8_t>();
@@ -199,8 +212,9 @@ at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx
   p.c_int32 = out.mutable_data_ptr<int32_t>();
   p.ldc = n;
   run_gemm(p, use_avx2);
-
-  if (b_has_min) subtract_int8_min_correction(a, b, out);
+  // The portable kernel multiplies in int32 and never wraps; only the vector kernel needs this.
+  if (use_avx2 && contains_int8_min(b_data, n * k))
+    add_wrapped_int8_min_correction(a_data, b_data, m, k, n, p.c_int32);
   return out;
 }
 
@@ -209,7 +223,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_matrix(b, "b");
   TORCH_CHECK(a.size(1) == b.size(1), "sparseq: int8_gemm needs a [M,K] and b [N,K] with the same K, got a ",
               a.sizes(), " and b ", b.sizes());
-  return int8_gemm_impl(a, b, cpu_has_avx2_fma(), /*allow_swap=*/true);
+  return int8_gemm_impl(a, b, cpu_has_avx2_fma());
 }
 
 }  // namespace

@@ -1,6 +1,9 @@
 // AVX2 core of int8_gemm and int8_linear: u8 x s8 micro-kernels over the n16k4 packed weight,
 // with the epilogue fused while the accumulators are in registers, and the fused per-row
 // activation quantizer. No torch headers here (see int8_kernels.h).
+#include <algorithm>
+#include <memory>
+
 #include "avx2_common.h"
 
 namespace sparseq::cpu {
@@ -37,28 +40,39 @@ inline uint32_t load_u32(const void* p) {
   return v;
 }
 
-// MR rows x (16 * NB) columns, full K. SIGN: sign trick (a = sign(a_sign) * a_u), else a_u is
-// used as is. CHECK: also report whether the weight slice holds -128.
+// Accumulators of a tile over a slice of K: start from zero or from `partial`, and finish with
+// the epilogue or by saving to `partial` ([rows, 16 * NB] int32, row stride 16 * NB).
+struct TileSlice {
+  int64_t q_begin = 0;
+  int64_t q_end = 0;
+  const int32_t* partial_in = nullptr;
+  int32_t* partial_out = nullptr;  // nullptr: last slice, run the epilogue
+};
+
+// MR rows x (16 * NB) columns over K-quads [q_begin, q_end). SIGN: sign trick (a = sign(a_sign)
+// * a_u), else a_u is used as is. CHECK: also report whether the weight slice holds -128.
 // Per K-quad and row: one 4-byte broadcast; per 8 outputs: vpmaddubsw (u8*s8 pairs -> int16,
 // exact, see GemmProblem) + vpmaddwd with ones (int16 pairs -> int32) + vpaddd.
 template <int MR, int NB, bool SIGN, bool CHECK>
-SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
+SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0, const TileSlice& slice) {
   constexpr int NV = 2 * NB;
   __m256i acc[MR][NV];
   #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
     #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = slice.partial_in == nullptr
+                      ? _mm256_setzero_si256()
+                      : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(slice.partial_in + (r * NV + v) * 8));
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i wmin = _mm256_set1_epi8(127);
-  const int64_t kq_count = p.k_quads;
   const int64_t lda = p.lda;
   const uint8_t* au = p.a_u + m0 * lda;
   const int8_t* as = SIGN ? p.a_sign + m0 * lda : nullptr;
-  const int8_t* wb = p.w_packed + nb0 * kq_count * 64;
-  const int64_t nb_stride = kq_count * 64;
+  const int64_t nb_stride = p.k_quads * 64;
+  const int8_t* wb = p.w_packed + nb0 * nb_stride;
 
-  for (int64_t q = 0; q < kq_count; ++q) {
+  for (int64_t q = slice.q_begin; q < slice.q_end; ++q) {
     __m256i w[NV];
     #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) {
@@ -85,14 +99,22 @@ SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
     }
   }
 
-  #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
+  if (slice.partial_out != nullptr) {
     #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      const int64_t n0 = (nb0 + v / 2) * 16 + (v % 2) * 8;
-      const int64_t left = p.n - n0;
-      if (left <= 0) continue;
-      store_acc8(p, m0 + r, n0, left >= 8 ? 8 : static_cast<int>(left), acc[r][v]);
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(slice.partial_out + (r * NV + v) * 8), acc[r][v]);
+  } else {
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      #pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const int64_t n0 = (nb0 + v / 2) * 16 + (v % 2) * 8;
+        const int64_t left = p.n - n0;
+        if (left <= 0) continue;
+        store_acc8(p, m0 + r, n0, left >= 8 ? 8 : static_cast<int>(left), acc[r][v]);
+      }
     }
   }
   if (CHECK) {
@@ -103,23 +125,28 @@ SPARSEQ_AVX2 bool tile(const GemmProblem& p, int64_t m0, int64_t nb0) {
 }
 
 template <int MR, int NB, bool SIGN>
-SPARSEQ_AVX2 bool tile_dispatch_check(const GemmProblem& p, int64_t m0, int64_t nb0, bool check) {
-  return check ? tile<MR, NB, SIGN, true>(p, m0, nb0) : tile<MR, NB, SIGN, false>(p, m0, nb0);
+SPARSEQ_AVX2 bool tile_dispatch_check(const GemmProblem& p, int64_t m0, int64_t nb0, const TileSlice& slice,
+                                      bool check) {
+  return check ? tile<MR, NB, SIGN, true>(p, m0, nb0, slice) : tile<MR, NB, SIGN, false>(p, m0, nb0, slice);
 }
 
 template <bool SIGN>
 SPARSEQ_AVX2 bool tile_rows(const GemmProblem& p, int rows, int nblocks, int64_t m0, int64_t nb0,
-                            bool check) {
+                            const TileSlice& slice, bool check) {
   // (rows, nblocks) pairs used by gemm_tiles_avx2; each keeps 8 or fewer accumulators.
-  if (nblocks == 4) return tile_dispatch_check<1, 4, SIGN>(p, m0, nb0, check);
-  if (nblocks == 2) return tile_dispatch_check<2, 2, SIGN>(p, m0, nb0, check);
+  if (nblocks == 4) return tile_dispatch_check<1, 4, SIGN>(p, m0, nb0, slice, check);
+  if (nblocks == 2) return tile_dispatch_check<2, 2, SIGN>(p, m0, nb0, slice, check);
   switch (rows) {
-    case 4: return tile_dispatch_check<4, 1, SIGN>(p, m0, nb0, check);
-    case 3: return tile_dispatch_check<3, 1, SIGN>(p, m0, nb0, check);
-    case 2: return tile_dispatch_check<2, 1, SIGN>(p, m0, nb0, check);
-    default: return tile_dispatch_check<1, 1, SIGN>(p, m0, nb0, check);
+    case 4: return tile_dispatch_check<4, 1, SIGN>(p, m0, nb0, slice, check);
+    case 3: return tile_dispatch_check<3, 1, SIGN>(p, m0, nb0, slice, check);
+    case 2: return tile_dispatch_check<2, 1, SIGN>(p, m0, nb0, slice, check);
+    default: return tile_dispatch_check<1, 1, SIGN>(p, m0, nb0, slice, check);
   }
 }
+
+// K-quads per slice in the many-row path: 16 columns x 1024 k = 16 KiB of weight, which stays in
+// L1 while every row tile of the chunk runs over it (a full 4096-deep panel would come from L2).
+constexpr int64_t kSliceQuads = 256;
 
 template <bool SIGN>
 SPARSEQ_AVX2 bool gemm_tiles(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
@@ -128,20 +155,35 @@ SPARSEQ_AVX2 bool gemm_tiles(const GemmProblem& p, int64_t m_begin, int64_t m_en
   bool ok = true;
   const bool check = SIGN && p.check_w_min;
   if (rows >= 4) {
-    // Weight panel of one 16-column block stays in L2 while every row tile of the chunk uses it.
+    const int64_t slices = (p.k_quads + kSliceQuads - 1) / kSliceQuads;
+    // Partial sums of the chunk's rows x 16 columns between slices.
+    std::unique_ptr<int32_t[]> partial(slices > 1 ? new int32_t[rows * 16] : nullptr);
     for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-      int64_t m = m_begin;
-      bool first = true;
-      for (; m + 4 <= m_end; m += 4, first = false) ok &= tile_rows<SIGN>(p, 4, 1, m, nb, check && first);
-      if (m < m_end) ok &= tile_rows<SIGN>(p, static_cast<int>(m_end - m), 1, m, nb, check && first);
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        TileSlice slice;
+        slice.q_begin = sl * kSliceQuads;
+        slice.q_end = std::min(p.k_quads, slice.q_begin + kSliceQuads);
+        const bool first_slice = sl == 0;
+        for (int64_t m = m_begin; m < m_end; m += 4) {
+          const int tile_rows_now = static_cast<int>(std::min<int64_t>(4, m_end - m));
+          int32_t* part = partial.get() + (m - m_begin) * 16;
+          slice.partial_in = first_slice ? nullptr : part;
+          slice.partial_out = sl + 1 == slices ? nullptr : part;
+          // The -128 check needs each weight byte seen once: the chunk's first row tile.
+          ok &= tile_rows<SIGN>(p, tile_rows_now, 1, m, nb, slice, check && m == m_begin);
+        }
+      }
     }
     return ok;
   }
-  // Decode-sized M: several column blocks at once so 8 accumulators stay busy.
+  // Decode-sized M: several column blocks at once so 8 accumulators stay busy; the weight is
+  // streamed once, so K is not sliced.
+  TileSlice full;
+  full.q_end = p.k_quads;
   const int nblocks = rows == 1 ? 4 : rows == 2 ? 2 : 1;
   int64_t nb = nb_begin;
-  for (; nb + nblocks <= nb_end; nb += nblocks) ok &= tile_rows<SIGN>(p, static_cast<int>(rows), nblocks, m_begin, nb, check);
-  for (; nb < nb_end; ++nb) ok &= tile_rows<SIGN>(p, static_cast<int>(rows), 1, m_begin, nb, check);
+  for (; nb + nblocks <= nb_end; nb += nblocks) ok &= tile_rows<SIGN>(p, static_cast<int>(rows), nblocks, m_begin, nb, full, check);
+  for (; nb < nb_end; ++nb) ok &= tile_rows<SIGN>(p, static_cast<int>(rows), 1, m_begin, nb, full, check);
   return ok;
 }
 
@@ -167,6 +209,27 @@ bool gemm_tiles_avx2(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64
   if (m_begin >= m_end || nb_begin >= nb_end) return true;
   return p.a_sign != nullptr ? gemm_tiles<true>(p, m_begin, m_end, nb_begin, nb_end)
                              : gemm_tiles<false>(p, m_begin, m_end, nb_begin, nb_end);
+}
+
+SPARSEQ_AVX2 void add_u8_rows_avx2(const uint8_t* const* rows, int64_t count, int64_t m, int32_t* dst) {
+  constexpr int64_t kRowsPerU16Sum = 256;  // 256 * 255 < 65536
+  int64_t r = 0;
+  for (; r + 16 <= m; r += 16) {
+    __m256i sum32_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + r));
+    __m256i sum32_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + r + 8));
+    for (int64_t i0 = 0; i0 < count; i0 += kRowsPerU16Sum) {
+      const int64_t i1 = std::min(count, i0 + kRowsPerU16Sum);
+      __m256i sum16 = _mm256_setzero_si256();
+      for (int64_t i = i0; i < i1; ++i)
+        sum16 = _mm256_add_epi16(sum16, _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + r))));
+      sum32_lo = _mm256_add_epi32(sum32_lo, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(sum16)));
+      sum32_hi = _mm256_add_epi32(sum32_hi, _mm256_cvtepu16_epi32(_mm256_extracti128_si256(sum16, 1)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r), sum32_lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r + 8), sum32_hi);
+  }
+  for (; r < m; ++r)
+    for (int64_t i = 0; i < count; ++i) dst[r] += rows[i][r];
 }
 
 SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin,

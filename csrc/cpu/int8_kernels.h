@@ -52,6 +52,11 @@ bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, i
 // Returns false as gemm_tiles_* does.
 bool run_gemm(const GemmProblem& p, bool use_avx2);
 
+// dst[r] += sum over i < count of rows[i][r], r < m: the u8 row sums of int8_gemm's correction of
+// the sign trick's wrapped -128 products (see int8_gemm.cpp). Any count: partial sums are
+// kept in u16 for at most 256 rows (of values <= 255) before they are widened.
+void add_u8_rows_avx2(const uint8_t* const* rows, int64_t count, int64_t m, int32_t* dst);
+
 // Per-row symmetric activation quantization, bit-exact with sparseq/_ref.py quantize_per_row:
 // absmax (0 -> 1), inv = float(qmax) / absmax, q = round_half_even(x * inv) clamped to +-qmax,
 // x_scale = absmax / qmax. Writes row m of the kernel's activation operand:

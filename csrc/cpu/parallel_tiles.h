@@ -4,15 +4,20 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace sparseq::cpu {
 
+// Column chunks per thread for many-row problems: threads claim them from a shared counter, so
+// a thread slowed by another process on its core does not hold up the rest.
+constexpr int64_t kChunksPerThread = 4;
+
 // Calls fn(m_begin, m_end, nb_begin, nb_end) over disjoint chunks covering the whole output.
-// Column blocks are split first (each thread streams its own share of the weight once per row
-// chunk); rows are split into chunks of at most `max_chunk_rows` (activation chunk fits in L2)
-// and, when there are too few column blocks to feed every thread, into one chunk per thread.
-// Problems under `serial_macs` multiply-adds run on the calling thread.
+// Column blocks are split into kChunksPerThread chunks per thread (one when M < row_multiple);
+// rows into chunks of at most `max_chunk_rows` (activation chunk fits in L2) and, when there are
+// too few column blocks to feed every thread, into one chunk per thread. Problems under
+// `serial_macs` multiply-adds run on the calling thread.
 template <typename Fn>
 void parallel_tiles(int64_t m, int64_t n_blocks, int64_t k, int64_t max_chunk_rows, int64_t row_multiple,
                     const Fn& fn) {
@@ -28,10 +33,15 @@ void parallel_tiles(int64_t m, int64_t n_blocks, int64_t k, int64_t max_chunk_ro
   if (n_blocks < 2 * threads) rows = std::min(rows, round_up((m + threads - 1) / threads));
   rows = std::max<int64_t>(1, rows);
   const int64_t row_chunks = (m + rows - 1) / rows;
-  const int64_t col_chunk = std::max<int64_t>(1, (n_blocks + threads - 1) / threads);
+  // Decode-sized M streams the weight: one contiguous share per thread suits the prefetchers.
+  const int64_t chunks_per_thread = m < row_multiple ? 1 : kChunksPerThread;
+  const int64_t col_chunk = std::max<int64_t>(1, (n_blocks + threads * chunks_per_thread - 1) / (threads * chunks_per_thread));
   const int64_t col_chunks = (n_blocks + col_chunk - 1) / col_chunk;
-  at::parallel_for(0, row_chunks * col_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  const int64_t tasks = row_chunks * col_chunks;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next_task.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next_task.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t rc = t % row_chunks, cc = t / row_chunks;
       fn(rc * rows, std::min(m, (rc + 1) * rows), cc * col_chunk, std::min(n_blocks, (cc + 1) * col_chunk));
     }

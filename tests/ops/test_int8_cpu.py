@@ -66,20 +66,37 @@ def test_int8_gemm_shapes_random(kernel_path, m, k, n):
 
 @pytest.mark.parametrize("kind_a,kind_b", list(itertools.product(VALUE_KINDS, VALUE_KINDS)))
 def test_int8_gemm_value_extremes(kernel_path, kind_a, kind_b):
-    # Covers each operand-role choice: b without -128, only a without (swap), both (correction).
+    # -128 in b is where the sign trick wraps (corrected afterwards); -128 in a is |a| = 128.
     gen = _gen(7)
     a, b = _int8((19, 131), kind_a, gen), _int8((37, 131), kind_b, gen)
     assert torch.equal(ops.int8_gemm(a, b), _ref.int8_gemm(a, b))
 
 
 def test_int8_gemm_sparse_min_values(kernel_path):
-    # A few -128 on both sides, on either side more often, so both clamp-and-correct orders run.
+    # A few -128 on both sides, on either side more often, so the wrap correction sees sparse,
+    # clustered and absent hits per column.
     gen = _gen(3)
     for more_in_a in (True, False):
         a, b = _int8((23, 261), "no_min", gen), _int8((29, 261), "no_min", gen)
         a.view(-1)[::7 if more_in_a else 41] = -128
         b.view(-1)[::41 if more_in_a else 7] = -128
         assert torch.equal(ops.int8_gemm(a, b), _ref.int8_gemm(a, b))
+
+
+@pytest.mark.parametrize("a_sign", ["negative", "positive", "mixed"])
+def test_int8_gemm_min_in_b_against_signed_a(kernel_path, a_sign):
+    # b = -128 wraps under vpsignb only where a < 0: the correction must add exactly there, for
+    # |a| up to 128, in columns of every position in a 16-column block and a ragged last group.
+    gen = _gen(11)
+    a = _int8((37, 70), "random", gen)
+    if a_sign == "negative":
+        a = -(a.to(torch.int16).abs().clamp(min=1)).to(torch.int8)
+    elif a_sign == "positive":
+        a = a.to(torch.int16).abs().clamp(max=127).to(torch.int8)
+    b = _int8((45, 70), "no_min", gen)
+    b[torch.rand(b.shape, generator=gen) < 0.1] = -128
+    b[3] = -128
+    assert torch.equal(ops.int8_gemm(a, b), _ref.int8_gemm(a, b))
 
 
 def test_int8_gemm_many_rows(kernel_path):
