@@ -38,6 +38,11 @@ def _want_cuda(torch_mod):
 def _extensions():
     if os.environ.get("SPARSEQ_BUILD_EXT", "1") == "0":
         return [], {}
+    compiler = os.environ.get("CXX", "c++").split()[0]
+    if shutil.which(compiler) is None:
+        print(f"sparseq: no C++ compiler ({compiler!r} not found); building without the extension: "
+              "every op will run its pure-PyTorch reference")
+        return [], {}
     # torch derives CUDA_HOME from `which nvcc`; where nvcc is a wrapper script outside the
     # toolkit (/usr/local/bin/nvcc here) that guess misses libcudart, so prefer the toolkit.
     if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isfile(

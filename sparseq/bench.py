@@ -93,7 +93,11 @@ def triton_status() -> Tuple[bool, str]:
         return False, f"sparseq.triton not importable: {exc}"
     if sparseq_triton.is_available():
         return True, ""
-    return False, "needs triton and a CUDA GPU (or TRITON_INTERPRET=1)"
+    try:
+        import triton
+    except ImportError:
+        return False, "triton is not installed"
+    return False, f"triton {triton.__version__} installed, but no CUDA GPU (TRITON_INTERPRET=1 runs the interpreter)"
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
