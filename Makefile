@@ -30,7 +30,7 @@ build: $(EXT_STAMP)
 
 demo: build
 	$(VENV)/bin/sparseq info
-	$(VENV)/bin/sparseq bench int8 --quick --json bench/results/demo-int8.json
+	$(VENV)/bin/sparseq bench int8 --quick --json build/demo-int8.json
 
 # The whole suite with the compiled kernels, then again on the pure-PyTorch reference path.
 test: build
