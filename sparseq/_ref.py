@@ -43,14 +43,18 @@ def quantize_per_row(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
     """Symmetric per-row quantization: q = round_half_even(x * (qmax / absmax)) in [-qmax, qmax].
 
     Returns (q int8 [M,K], scale float32 [M]) with x ~= q * scale[:, None]. A row of zeros gets
-    scale 1 and q = 0. Every kernel quantizes activations with exactly these fp32 steps.
+    scale 1 and q = 0. A row holding NaN or +-Inf gets q = 0 and scale NaN, so its outputs are
+    NaN rather than silently finite. Every kernel quantizes activations with exactly these steps.
     """
     xf = x.float()
     absmax = xf.abs().amax(dim=1)
-    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    finite = torch.isfinite(absmax)
+    absmax = torch.where(finite & (absmax > 0), absmax, torch.ones_like(absmax))
     inv = torch.full_like(absmax, float(qmax)) / absmax
-    q = torch.round(xf * inv[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-    return q, absmax / qmax
+    q = torch.round(xf * inv[:, None]).clamp_(-qmax, qmax)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8)
+    scale = torch.where(finite, absmax / qmax, torch.full_like(absmax, float("nan")))
+    return q, scale
 
 
 def dequant_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -2,6 +2,7 @@
 // with the epilogue fused while the accumulators are in registers, and the fused per-row
 // activation quantizer. No torch headers here (see int8_kernels.h).
 #include <algorithm>
+#include <cstring>
 #include <memory>
 
 #include "avx2_common.h"
@@ -243,24 +244,38 @@ SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, i
   const bool offset_form = a_sign == nullptr;
   for (int64_t m = m_begin; m < m_end; ++m) {
     const void* row = static_cast<const char*>(x) + m * k * elem;
-    __m256 vmax = _mm256_setzero_ps();
+    // Max of |x| taken on the bit patterns: for non-negative floats they order like integers,
+    // and Inf/NaN (>= 0x7f800000) sort above every finite value, where vmaxps would drop a NaN.
+    __m256i vmax = _mm256_setzero_si256();
     int64_t i = 0;
-    for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8_as_float(row, x_type, i), abs_mask));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    float absmax = _mm_cvtss_f32(m4);
+    for (; i + 8 <= k; i += 8)
+      vmax = _mm256_max_epi32(vmax, _mm256_castps_si256(_mm256_and_ps(load8_as_float(row, x_type, i), abs_mask)));
+    __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(vmax), _mm256_extracti128_si256(vmax, 1));
+    m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(1, 0, 3, 2)));
+    m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(2, 3, 0, 1)));
+    uint32_t absmax_bits = static_cast<uint32_t>(_mm_cvtsi128_si32(m4));
     for (; i < k; ++i) {
-      float v = __builtin_fabsf(load1_as_float(row, x_type, i));
-      absmax = v > absmax ? v : absmax;
+      const float v = __builtin_fabsf(load1_as_float(row, x_type, i));
+      uint32_t bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      absmax_bits = bits > absmax_bits ? bits : absmax_bits;
     }
+    uint8_t* u_row = a_u + m * lda;
+    int8_t* s_row = offset_form ? nullptr : a_sign + m * lda;
+    if (absmax_bits >= 0x7f800000u) {
+      // A NaN/Inf row quantizes to zeros with a NaN scale: its outputs come out NaN (see _ref).
+      x_scale[m] = __builtin_nanf("");
+      std::memset(u_row, offset_form ? qmax + 1 : 0, static_cast<size_t>(k));
+      std::memset(u_row + k, 0, static_cast<size_t>(lda - k));
+      if (!offset_form) std::memset(s_row, 0, static_cast<size_t>(lda));
+      continue;
+    }
+    float absmax;
+    std::memcpy(&absmax, &absmax_bits, sizeof(absmax));
     if (!(absmax > 0.0f)) absmax = 1.0f;
     const float inv = static_cast<float>(qmax) / absmax;
     x_scale[m] = absmax / static_cast<float>(qmax);
     const __m256 vinv = _mm256_set1_ps(inv);
-
-    uint8_t* u_row = a_u + m * lda;
-    int8_t* s_row = offset_form ? nullptr : a_sign + m * lda;
     i = 0;
     for (; i + 32 <= k; i += 32) {
       __m256i q = pack_epi32_to_epi8(quantize8(row, x_type, i, vinv, vqmax, vqmin),

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "int8_kernels.h"
 #include "sparseq/checks.h"
@@ -31,15 +32,21 @@ void quantize_rows_portable_typed(const T* x, int64_t k, int64_t m_begin, int64_
   for (int64_t m = m_begin; m < m_end; ++m) {
     const T* row = x + m * k;
     float absmax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(static_cast<float>(row[i])));
-    if (!(absmax > 0.0f)) absmax = 1.0f;
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      const float v = static_cast<float>(row[i]);
+      finite = finite && std::isfinite(v);
+      absmax = std::max(absmax, std::fabs(v));
+    }
+    if (!finite || !(absmax > 0.0f)) absmax = 1.0f;
     const float inv = static_cast<float>(qmax) / absmax;
-    x_scale[m] = absmax / static_cast<float>(qmax);
+    // A NaN/Inf row quantizes to zeros with a NaN scale: its outputs come out NaN (see _ref).
+    x_scale[m] = finite ? absmax / static_cast<float>(qmax) : std::numeric_limits<float>::quiet_NaN();
     uint8_t* u = a_u + m * lda;
     int8_t* s = a_sign != nullptr ? a_sign + m * lda : nullptr;
     for (int64_t i = 0; i < lda; ++i) {
       int32_t q = 0;
-      if (i < k) {
+      if (i < k && finite) {
         const float scaled = static_cast<float>(row[i]) * inv;
         // nearbyint rounds half to even in the default rounding mode, like torch.round.
         q = static_cast<int32_t>(std::clamp(std::nearbyint(scaled), static_cast<float>(-qmax), static_cast<float>(qmax)));

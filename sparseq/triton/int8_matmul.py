@@ -75,12 +75,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, q
     cols = tl.arange(0, BLOCK_K)
 
     running = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float32)
+    # Counts NaN/Inf entries: tl.maximum may drop a NaN, and such a row must come out NaN.
+    nonfinite = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         mask = row_ok[:, None] & (k0 + cols < K)[None, :]
         x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
         running = tl.maximum(running, tl.abs(x))
+        nonfinite += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+    finite = tl.sum(nonfinite, axis=1) == 0
     absmax = tl.max(running, axis=1)
-    absmax = tl.where(absmax > 0.0, absmax, 1.0)
+    absmax = tl.where(finite & (absmax > 0.0), absmax, 1.0)
     # IEEE divisions: a plain `/` on fp32 may lower to an approximate division on the GPU.
     inv = tl.math.div_rn(tl.full((BLOCK_ROWS,), qmax, tl.float32), absmax)
     for k0 in range(0, K, BLOCK_K):
@@ -88,9 +92,10 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm, q
         x = tl.load(x_rows + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
         q = _round_half_even(x * inv[:, None])
         q = tl.minimum(tl.maximum(q, -qmax), qmax)
+        q = tl.where(finite[:, None], q, 0.0)
         tl.store(q_rows + (k0 + cols)[None, :], q.to(tl.int8), mask=mask)
-    tl.store(scale_ptr + rows, tl.math.div_rn(absmax, tl.full((BLOCK_ROWS,), qmax, tl.float32)),
-             mask=row_ok)
+    scale = tl.math.div_rn(absmax, tl.full((BLOCK_ROWS,), qmax, tl.float32))
+    tl.store(scale_ptr + rows, tl.where(finite, scale, float("nan")), mask=row_ok)
 
 
 def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:

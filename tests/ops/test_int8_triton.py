@@ -104,6 +104,17 @@ def test_quantize_rows_bit_exact(dtype, qmax):
     assert q[8, [1, 5, 6, 7]].tolist() == [4, 0, -2, -2]
 
 
+@pytest.mark.parametrize("qmax", (127, 63))
+def test_quantize_rows_nonfinite_rows(qmax):
+    x = torch.randn(6, 67, generator=_gen(4))
+    x[1, 3], x[2, 66], x[3, 0] = float("nan"), float("inf"), -float("inf")
+    q, scale = tm.quantize_rows(x.to(DEVICE), qmax)
+    q_ref, scale_ref = _ref.quantize_per_row(x, qmax)
+    assert torch.equal(q.cpu(), q_ref) and not q_ref[1:4].any()
+    assert torch.isnan(scale[1:4]).all() and torch.isnan(scale_ref[1:4]).all()
+    assert torch.equal(scale.cpu()[[0, 4, 5]], scale_ref[[0, 4, 5]])
+
+
 @pytest.mark.parametrize("m,n,k,qmax", [(*shape, (127, 63)[i % 2]) for i, shape in enumerate(SHAPES)])
 def test_int8_linear_integer_path_exact(m, n, k, qmax):
     # Integer activations whose row absmax is qmax quantize to themselves with scale 1; with unit
