@@ -8,6 +8,7 @@ Each function validates its inputs (clear Python errors, never a crash), then ru
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,8 +28,15 @@ def ext_supports(device: torch.device) -> bool:
     if device.type == "cuda":
         from . import _C
 
-        return bool(_C.with_cuda)
+        return bool(_C.with_cuda) and _cuda_capability(device.index) >= (8, 0)
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: Optional[int]) -> tuple[int, int]:
+    # The CUDA kernels use sm_80 instructions (cp.async, int8 mma.sync): older GPUs take the
+    # reference path under backend="auto" instead of an error.
+    return torch.cuda.get_device_capability(index)
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
