@@ -133,7 +133,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     xg[:, :k] = xf
     xg = xg.view(m, groups, 4)
     codes = meta.to(torch.int64)
-    nibbles = torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(n, -1)[:, :groups]
+    nibbles = torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(n, 2 * codes.shape[1])[:, :groups]
     out = xf.new_zeros(m, n)
     for r0, r1 in _row_chunks(half, n, m):
         for slot, position in enumerate((nibbles[r0:r1] & 3, nibbles[r0:r1] >> 2)):

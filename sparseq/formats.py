@@ -315,13 +315,13 @@ class Sparse24Weight:
         """int64 [N, G, 2]: the two in-group positions of every group, decoded from meta."""
         n, g = self.out_features, self.groups
         m = self.meta.to(torch.int64)
-        nibbles = torch.stack([m & 0xF, m >> 4], dim=2).reshape(n, -1)[:, :g]
+        nibbles = torch.stack([m & 0xF, m >> 4], dim=2).reshape(n, 2 * m.shape[1])[:, :g]
         return torch.stack([nibbles & 3, nibbles >> 2], dim=2)
 
     def columns(self) -> torch.Tensor:
         """int64 [N, Kp/2]: the absolute column of every stored value (may be >= K in padding)."""
         group_start = 4 * torch.arange(self.groups, device=self.meta.device)
-        return (self.positions() + group_start[None, :, None]).reshape(self.out_features, -1)
+        return (self.positions() + group_start[None, :, None]).reshape(self.out_features, 2 * self.groups)
 
     def validate(self) -> None:
         n, k, g = self.out_features, self.in_features, self.groups
