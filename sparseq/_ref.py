@@ -82,3 +82,86 @@ def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: to
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse weight formats (sparseq/formats.py). Each computes x [M, K] @ W.T in float32 straight
+# from the packed tensors, dequantizing int8 codes with the per-output-channel scale, and
+# returns x.dtype. Work is chunked over output rows so a 4096 x 4096 weight at M = 512 does not
+# materialize an [M, nnz] gather at once.
+# ----------------------------------------------------------------------------------------------
+
+_GATHER_BUDGET = 1 << 24  # float32 elements per chunk
+
+
+def _row_chunks(entries_per_row: float, rows: int, m: int):
+    step = max(1, int(_GATHER_BUDGET // max(1.0, entries_per_row * max(m, 1))))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _scaled(out: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if scale is not None:
+        out = out * scale[None, :]
+    return out.to(x.dtype)
+
+
+def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for a SparseCSRWeight's tensors: out[m, n] = sum_e x[m, col[e]] * val[e]."""
+    xf = x.float()
+    m, n = xf.shape[0], row_ptr.numel() - 1
+    out = xf.new_zeros(m, n)
+    counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    for r0, r1 in _row_chunks(values.numel() / max(n, 1), n, m):
+        e0, e1 = int(row_ptr[r0]), int(row_ptr[r1])
+        rows = torch.repeat_interleave(torch.arange(r0, r1, device=x.device), counts[r0:r1])
+        products = xf[:, col_idx[e0:e1].to(torch.int64)] * values[e0:e1].float()
+        out.index_add_(1, rows, products)
+    return _scaled(out, scale, x)
+
+
+def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for a Sparse24Weight's tensors: each stored value meets the x entry its
+    2-bit position selects inside its group of 4 columns (layout in Sparse24Weight)."""
+    xf = x.float()
+    m, k = xf.shape
+    n, half = values.shape
+    groups = half // 2
+    xg = torch.zeros(m, groups * 4, dtype=torch.float32, device=x.device)
+    xg[:, :k] = xf
+    xg = xg.view(m, groups, 4)
+    codes = meta.to(torch.int64)
+    nibbles = torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(n, 2 * codes.shape[1])[:, :groups]
+    out = xf.new_zeros(m, n)
+    for r0, r1 in _row_chunks(half, n, m):
+        for slot, position in enumerate((nibbles[r0:r1] & 3, nibbles[r0:r1] >> 2)):
+            # x entries picked per (row, group): [M, rows, G]
+            picked = xg[:, torch.arange(groups, device=x.device)[None, :], position]
+            out[:, r0:r1] += (picked * values[r0:r1, slot::2].float()).sum(dim=2)
+    return _scaled(out, scale, x)
+
+
+def bsr_matmul(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
+               values: torch.Tensor, out_features: int,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for a BlockSparseWeight's tensors: every stored block (i, j) is a dense
+    [bh, bw] product of x's columns j*bw.. with output rows i*bh.., the rest is skipped."""
+    xf = x.float()
+    m, k = xf.shape
+    nnzb, bh, bw = values.shape
+    nb = block_row_ptr.numel() - 1
+    kb = -(-k // bw)
+    xb = torch.zeros(m, kb * bw, dtype=torch.float32, device=x.device)
+    xb[:, :k] = xf
+    xb = xb.view(m, kb, bw)
+    out = xf.new_zeros(m, nb, bh)
+    counts = (block_row_ptr[1:] - block_row_ptr[:-1]).to(torch.int64)
+    for r0, r1 in _row_chunks(nnzb * bh * bw / max(nb, 1), nb, m):
+        e0, e1 = int(block_row_ptr[r0]), int(block_row_ptr[r1])
+        rows = torch.repeat_interleave(torch.arange(r0, r1, device=x.device), counts[r0:r1])
+        x_blocks = xb[:, block_col_idx[e0:e1].to(torch.int64)]          # [M, blocks, bw]
+        products = torch.einsum("mjb,jhb->mjh", x_blocks, values[e0:e1].float())
+        out.index_add_(1, rows, products)
+    return _scaled(out.reshape(m, nb * bh)[:, :out_features], scale, x)

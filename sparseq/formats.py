@@ -2,6 +2,12 @@
 
 PackedInt8Weight is the int8 per-output-channel format every int8 kernel reads (CPU AVX2,
 CUDA, Triton): the n16k4 layout described in csrc/include/sparseq/packed_int8.h.
+
+The sparse formats (SparseCSRWeight, Sparse24Weight, BlockSparseWeight) store exactly the zeros
+already in a weight: unpack() returns the masked weight bit for bit (after the cast to the
+stored value dtype), or, with int8=True, the dequantized per-output-channel int8 weight
+q[n, k] * scale[n] with the same sparsity structure. Their reference matmuls live in _ref.py
+and read the packed tensors directly, so they exercise each format's indexing.
 """
 from __future__ import annotations
 
@@ -23,6 +29,18 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError("weight contains NaN or Inf; cannot quantize it")
 
 
+def _quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q int8 [N, K] in [-127, 127], scale float32 [N]).
+
+    Zeros stay zeros, so every sparse format keeps its structure when quantized.
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
 @dataclass
 class PackedInt8Weight:
     """Symmetric per-output-channel int8 weight, W ~= q[n, k] * scale[n], q in [-127, 127].
@@ -40,11 +58,7 @@ class PackedInt8Weight:
     def pack(cls, weight: torch.Tensor) -> "PackedInt8Weight":
         """Quantize a float weight [N, K] per output channel and pack it once."""
         _check_weight(weight)
-        w = weight.detach().float()
-        absmax = w.abs().amax(dim=1)
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls.from_int8(q, scale)
+        return cls.from_int8(*_quantize_per_channel(weight))
 
     @classmethod
     def from_int8(cls, q: torch.Tensor, scale: torch.Tensor) -> "PackedInt8Weight":
@@ -66,3 +80,397 @@ class PackedInt8Weight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.rowsum))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse formats
+# ----------------------------------------------------------------------------------------------
+
+FLOAT_VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT16_MAX = 32767
+
+
+def _index_dtype(largest_index: int) -> torch.dtype:
+    """int16 where every index fits (halves index bytes, which cost as much bandwidth as int8
+    values), int32 otherwise."""
+    return torch.int16 if largest_index <= INT16_MAX else torch.int32
+
+
+def _value_dtype(weight: torch.Tensor, dtype: torch.dtype | None, int8: bool) -> torch.dtype:
+    if int8:
+        if dtype is not None:
+            raise ValueError("pass either dtype= (float values) or int8=True, not both")
+        return torch.int8
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in FLOAT_VALUE_DTYPES:
+        raise TypeError(f"value dtype must be one of float32, bfloat16, float16 (or int8=True), got {dtype}")
+    return dtype
+
+
+def _stored_values(weight: torch.Tensor, dtype: torch.dtype | None,
+                   int8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The [N, K] matrix whose nonzeros are stored (cast or quantized) and the int8 scale."""
+    value_dtype = _value_dtype(weight, dtype, int8)
+    if int8:
+        return _quantize_per_channel(weight)
+    return weight.detach().to(value_dtype), None
+
+
+def _check_scale(scale: torch.Tensor | None, values: torch.Tensor, n: int) -> None:
+    if values.dtype == torch.int8:
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.shape != (n,):
+            got = None if scale is None else f"{scale.dtype} {tuple(scale.shape)}"
+            raise ValueError(f"int8 values need a float32 per-output-channel scale of shape ({n},), got {got}")
+        if scale.device != values.device:
+            raise ValueError(f"scale is on {scale.device} but values are on {values.device}")
+    elif values.dtype in FLOAT_VALUE_DTYPES:
+        if scale is not None:
+            raise ValueError(f"{values.dtype} values take no scale (scale is only for int8 values)")
+    else:
+        raise TypeError(f"values must be float32, bfloat16, float16 or int8, got {values.dtype}")
+
+
+def _dequantize(values: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    out = values.float()
+    if scale is not None:
+        out = out * scale[rows].view(-1, *([1] * (values.dim() - 1)))
+    return out
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _check_compressed_index(ptr: torch.Tensor, idx: torch.Tensor, rows: int, cols: int,
+                            what: str) -> None:
+    """Validate a compressed-row index: ptr int32 [rows+1] from 0 to len(idx), nondecreasing;
+    idx int16/int32 in [0, cols), strictly increasing within each row."""
+    if ptr.dtype != torch.int32 or ptr.shape != (rows + 1,):
+        raise ValueError(f"{what} row pointers must be int32 of shape ({rows + 1},), "
+                         f"got {ptr.dtype} {tuple(ptr.shape)}")
+    if idx.dtype not in (torch.int16, torch.int32) or idx.dim() != 1:
+        raise ValueError(f"{what} column indices must be a 1-D int16 or int32 tensor, "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
+    if idx.dtype == torch.int16 and cols - 1 > INT16_MAX:
+        raise ValueError(f"{what} column indices are int16 but there are {cols} columns")
+    if ptr.device != idx.device:
+        raise ValueError(f"row pointers are on {ptr.device} but column indices are on {idx.device}")
+    nnz = idx.numel()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+        raise ValueError(f"{what} row pointers must start at 0 and end at {nnz} (the number of "
+                         f"stored entries), got {int(ptr[0])} and {int(ptr[-1])}")
+    if rows and bool((ptr[1:] < ptr[:-1]).any()):
+        row = int(torch.nonzero(ptr[1:] < ptr[:-1])[0])
+        raise ValueError(f"{what} row pointers decrease at row {row}")
+    if nnz == 0:
+        return
+    i = idx.to(torch.int64)
+    if bool(((i < 0) | (i >= cols)).any()):
+        pos = int(torch.nonzero((i < 0) | (i >= cols))[0])
+        raise ValueError(f"{what} column index {int(i[pos])} at entry {pos} is out of range [0, {cols})")
+    continues_row = torch.ones(nnz, dtype=torch.bool, device=idx.device)
+    continues_row[ptr[:-1].to(torch.int64).clamp(max=nnz - 1)] = False
+    bad = continues_row[1:] & (i[1:] <= i[:-1])
+    if bool(bad.any()):
+        pos = int(torch.nonzero(bad)[0]) + 1
+        row = int(torch.searchsorted(ptr, torch.tensor(pos, dtype=torch.int32, device=ptr.device),
+                                     right=True)) - 1
+        raise ValueError(f"{what} column indices of row {row} are not strictly increasing "
+                         f"(entry {pos}: {int(i[pos - 1])} then {int(i[pos])})")
+
+
+@dataclass
+class SparseCSRWeight:
+    """Unstructured sparse weight W [N, K] in compressed sparse rows.
+
+    row_ptr int32 [N+1]: row n's entries are [row_ptr[n], row_ptr[n+1]).
+    col_idx int16 [nnz] when K <= 32768 (largest index 32767), else int32: absolute column
+      indices, strictly increasing within a row.
+    values [nnz]: float32 / bfloat16 / float16, or int8 codes with scale float32 [N] so that
+      W[n, k] = values * scale[n].
+    Exactly the nonzeros of the float weight are stored (an int8 code may round to 0).
+    """
+
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    values: torch.Tensor
+    scale: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, dtype: torch.dtype | None = None,
+             int8: bool = False) -> "SparseCSRWeight":
+        """Store the nonzeros of a float weight [N, K]; dtype defaults to the weight's own."""
+        _check_weight(weight)
+        stored, scale = _stored_values(weight, dtype, int8)
+        n, k = weight.shape
+        mask = weight.detach() != 0
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major, so columns ascend within a row
+        counts = torch.bincount(rows, minlength=n)
+        row_ptr = torch.zeros(n + 1, dtype=torch.int32, device=weight.device)
+        row_ptr[1:] = counts.cumsum(0)
+        return cls(row_ptr, cols.to(_index_dtype(k - 1)), stored[rows, cols].contiguous(),
+                   scale, k, n)
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError unless the tensors form a consistent CSR weight."""
+        _check_compressed_index(self.row_ptr, self.col_idx, self.out_features, self.in_features, "CSR")
+        if self.values.dim() != 1 or self.values.numel() != self.col_idx.numel():
+            raise ValueError(f"values must be 1-D with one entry per column index "
+                             f"({self.col_idx.numel()}), got shape {tuple(self.values.shape)}")
+        if self.values.device != self.col_idx.device:
+            raise ValueError(f"values are on {self.values.device} but indices on {self.col_idx.device}")
+        _check_scale(self.scale, self.values, self.out_features)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def unpack(self) -> torch.Tensor:
+        """Dense float32 [N, K] (the masked weight, dequantized when int8)."""
+        n, k = self.out_features, self.in_features
+        rows = torch.repeat_interleave(torch.arange(n, device=self.values.device),
+                                       (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64))
+        dense = torch.zeros(n, k, dtype=torch.float32, device=self.values.device)
+        dense[rows, self.col_idx.to(torch.int64)] = _dequantize(self.values, self.scale, rows)
+        return dense
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.row_ptr, self.col_idx, self.values, self.scale)
+
+
+def _padded(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    if w.shape == (n, k):
+        return w
+    out = w.new_zeros(n, k)
+    out[:w.shape[0], :w.shape[1]] = w
+    return out
+
+
+@dataclass
+class Sparse24Weight:
+    """2:4 semi-structured weight W [N, K]: in every group of 4 consecutive columns of a row
+    (k = 4g .. 4g+3) at most 2 entries are nonzero.
+
+    K is zero-padded to Kp = ceil(K/4)*4 (padding keeps the pattern 2:4); G = Kp/4 groups per row.
+    values [N, Kp/2]: values[n, 2g + j] = W[n, 4g + idx_j(n, g)], j = 0, 1, in float32 / bfloat16 /
+      float16, or int8 codes with scale float32 [N] (W = values * scale[n]).
+    meta uint8 [N, ceil(G/2)]: group g's two 2-bit positions idx_0 < idx_1 form the nibble
+      idx_0 | idx_1 << 2, held in the low nibble of meta[n, g // 2] for even g and the high
+      nibble for odd g (an odd G leaves the last high nibble 0).
+    A group with fewer than 2 nonzeros stores 0 at the unused slot(s), whose positions are the
+    smallest positions not holding a nonzero, so idx_0 < idx_1 always holds.
+
+    This is the plain row-major layout the CPU kernels and the references read. The CUDA
+    mma.sp::ordered_metadata operand layout (metadata interleaved to match the m16n8k32 /
+    m16n8k64 fragments) is a separate conversion from this one, still to be written with the
+    CUDA kernel; nothing here claims to be that layout.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    scale: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def groups(self) -> int:
+        return -(-self.in_features // 4)
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, dtype: torch.dtype | None = None,
+             int8: bool = False) -> "Sparse24Weight":
+        _check_weight(weight)
+        n, k = weight.shape
+        groups = -(-k // 4)
+        nonzero = _padded(weight.detach() != 0, n, groups * 4).view(n, groups, 4)
+        counts = nonzero.sum(dim=2)
+        if bool((counts > 2).any()):
+            row, g = (int(v) for v in torch.nonzero(counts > 2)[0])
+            raise ValueError(
+                f"weight is not 2:4 sparse: row {row}, columns {4 * g}..{min(4 * g + 3, k - 1)} hold "
+                f"{int(counts[row, g])} nonzeros (at most 2 of every 4 consecutive columns may be nonzero)")
+        stored, scale = _stored_values(weight, dtype, int8)
+        stored = _padded(stored, n, groups * 4).view(n, groups, 4)
+        position = torch.arange(4, device=weight.device)
+        # Nonzero positions sort first, then the smallest free ones; keep two, in ascending order.
+        key = torch.where(nonzero, position, position + 4)
+        idx = key.sort(dim=2).values[..., :2].remainder(4).sort(dim=2).values
+        values = stored.gather(2, idx).reshape(n, groups * 2)
+        nibbles = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)
+        if groups % 2:
+            nibbles = torch.cat([nibbles, nibbles.new_zeros(n, 1)], dim=1)
+        meta = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+        return cls(values.contiguous(), meta.contiguous(), scale, k, n)
+
+    def positions(self) -> torch.Tensor:
+        """int64 [N, G, 2]: the two in-group positions of every group, decoded from meta."""
+        n, g = self.out_features, self.groups
+        m = self.meta.to(torch.int64)
+        nibbles = torch.stack([m & 0xF, m >> 4], dim=2).reshape(n, 2 * m.shape[1])[:, :g]
+        return torch.stack([nibbles & 3, nibbles >> 2], dim=2)
+
+    def columns(self) -> torch.Tensor:
+        """int64 [N, Kp/2]: the absolute column of every stored value (may be >= K in padding)."""
+        group_start = 4 * torch.arange(self.groups, device=self.meta.device)
+        return (self.positions() + group_start[None, :, None]).reshape(self.out_features, 2 * self.groups)
+
+    def validate(self) -> None:
+        n, k, g = self.out_features, self.in_features, self.groups
+        if self.values.shape != (n, 2 * g):
+            raise ValueError(f"values must have shape ({n}, {2 * g}) for a [{n}, {k}] weight, "
+                             f"got {tuple(self.values.shape)}")
+        if self.meta.dtype != torch.uint8 or self.meta.shape != (n, -(-g // 2)):
+            raise ValueError(f"meta must be uint8 of shape ({n}, {-(-g // 2)}), "
+                             f"got {self.meta.dtype} {tuple(self.meta.shape)}")
+        if self.meta.device != self.values.device:
+            raise ValueError(f"meta is on {self.meta.device} but values on {self.values.device}")
+        _check_scale(self.scale, self.values, n)
+        if g % 2 and n and bool((self.meta[:, -1] >> 4).any()):
+            raise ValueError("the unused high nibble after the last (odd) group of meta must be 0")
+        idx = self.positions()
+        if bool((idx[..., 0] >= idx[..., 1]).any()):
+            row, grp = (int(v) for v in torch.nonzero(idx[..., 0] >= idx[..., 1])[0])
+            raise ValueError(f"meta of row {row}, group {grp} (columns {4 * grp}..{4 * grp + 3}) holds "
+                             f"positions {tuple(idx[row, grp].tolist())}; they must be strictly increasing")
+        in_padding = (self.columns() >= k) & (self.values != 0)
+        if bool(in_padding.any()):
+            row = int(torch.nonzero(in_padding)[0, 0])
+            raise ValueError(f"row {row} stores a nonzero value at a padding column >= in_features={k}")
+
+    def unpack(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        dense = torch.zeros(n, 4 * self.groups, dtype=torch.float32, device=self.values.device)
+        rows = torch.arange(n, device=self.values.device)
+        dense.scatter_(1, self.columns(), _dequantize(self.values, self.scale, rows))
+        return dense[:, :k].contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.values, self.meta, self.scale)
+
+
+@dataclass
+class BlockSparseWeight:
+    """Block sparse weight (BSR) W [N, K] with blocks of shape (bh, bw).
+
+    W is zero-padded to [NB*bh, KB*bw], NB = ceil(N/bh), KB = ceil(K/bw); block (i, j) covers
+    rows i*bh .. i*bh+bh-1 and columns j*bw .. j*bw+bw-1 and is stored iff it holds a nonzero.
+    block_row_ptr int32 [NB+1]; block_col_idx int16 (KB <= 32768) or int32 [nnz_blocks], strictly
+    increasing within a block row; values [nnz_blocks, bh, bw] in float32 / bfloat16 / float16, or
+    int8 codes with a per-output-channel scale float32 [N] (W[n, k] = code * scale[n]).
+    Zero entries inside a stored block are stored as 0; padding entries must be 0.
+    """
+
+    block_row_ptr: torch.Tensor
+    block_col_idx: torch.Tensor
+    values: torch.Tensor
+    scale: torch.Tensor | None
+    block: tuple[int, int]
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        self.block = tuple(self.block)
+        self.validate()
+
+    @staticmethod
+    def _check_block(block) -> tuple[int, int]:
+        if (not isinstance(block, (tuple, list)) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise ValueError(f"block must be a pair of positive ints (bh, bw), got {block!r}")
+        return int(block[0]), int(block[1])
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, block: tuple[int, int], dtype: torch.dtype | None = None,
+             int8: bool = False) -> "BlockSparseWeight":
+        _check_weight(weight)
+        bh, bw = cls._check_block(block)
+        n, k = weight.shape
+        nb, kb = -(-n // bh), -(-k // bw)
+        stored, scale = _stored_values(weight, dtype, int8)
+        blocks = _padded(stored, nb * bh, kb * bw).view(nb, bh, kb, bw).transpose(1, 2)
+        present = _padded(weight.detach() != 0, nb * bh, kb * bw).view(nb, bh, kb, bw).any(dim=3).any(dim=1)
+        brow, bcol = present.nonzero(as_tuple=True)
+        row_ptr = torch.zeros(nb + 1, dtype=torch.int32, device=weight.device)
+        row_ptr[1:] = present.sum(dim=1).cumsum(0)
+        return cls(row_ptr, bcol.to(_index_dtype(kb - 1)), blocks[brow, bcol].contiguous(),
+                   scale, (bh, bw), k, n)
+
+    def validate(self) -> None:
+        bh, bw = self._check_block(self.block)
+        n, k = self.out_features, self.in_features
+        nb, kb = -(-n // bh), -(-k // bw)
+        _check_compressed_index(self.block_row_ptr, self.block_col_idx, nb, kb, "BSR")
+        if self.values.shape != (self.block_col_idx.numel(), bh, bw):
+            raise ValueError(f"values must have shape ({self.block_col_idx.numel()}, {bh}, {bw}), "
+                             f"got {tuple(self.values.shape)}")
+        if self.values.device != self.block_col_idx.device:
+            raise ValueError(f"values are on {self.values.device} but indices on {self.block_col_idx.device}")
+        _check_scale(self.scale, self.values, n)
+        if (n % bh or k % bw) and self.values.numel():
+            rows = self._block_rows()[:, None, None] * bh + torch.arange(bh, device=self.values.device)[:, None]
+            cols = self.block_col_idx.to(torch.int64)[:, None, None] * bw + torch.arange(bw, device=self.values.device)
+            if bool(((self.values != 0) & ((rows >= n) | (cols >= k))).any()):
+                raise ValueError("a stored block holds a nonzero value in the padding beyond the weight's shape")
+
+    def _block_rows(self) -> torch.Tensor:
+        counts = (self.block_row_ptr[1:] - self.block_row_ptr[:-1]).to(torch.int64)
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.values.shape[0]
+
+    def unpack(self) -> torch.Tensor:
+        bh, bw = self.block
+        n, k = self.out_features, self.in_features
+        nb, kb = -(-n // bh), -(-k // bw)
+        blocks = torch.zeros(nb, kb, bh, bw, dtype=torch.float32, device=self.values.device)
+        blocks[self._block_rows(), self.block_col_idx.to(torch.int64)] = self.values.float()
+        dense = blocks.transpose(1, 2).reshape(nb * bh, kb * bw)[:n, :k]
+        if self.scale is not None:
+            dense = dense * self.scale[:, None]
+        return dense.contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.block_row_ptr, self.block_col_idx, self.values, self.scale)
+
+
+BLOCK_CANDIDATES = ((1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 16), (32, 32))
+
+
+def detect_pattern(weight: torch.Tensor,
+                   blocks: tuple[tuple[int, int], ...] = BLOCK_CANDIDATES) -> dict:
+    """Describe a weight's zeros for choosing a sparse format.
+
+    Returns {"shape", "nnz", "sparsity" (fraction of zeros), "is_2_4", "blocks"}, where "blocks"
+    lists every candidate block shape as {"block", "stored_blocks", "fill"}, best first: fill is
+    nonzeros / entries stored by a BSR of that block shape (padding included; 0.0 when nothing
+    is stored), ties broken toward larger blocks.
+    """
+    _check_weight(weight)
+    n, k = weight.shape
+    nonzero = weight.detach() != 0
+    nnz = int(nonzero.sum())
+    groups = -(-k // 4)
+    is_2_4 = bool((_padded(nonzero, n, groups * 4).view(n, groups, 4).sum(dim=2) <= 2).all())
+    candidates = []
+    for block in blocks:
+        bh, bw = BlockSparseWeight._check_block(block)
+        nb, kb = -(-n // bh), -(-k // bw)
+        stored = int(_padded(nonzero, nb * bh, kb * bw).view(nb, bh, kb, bw).any(dim=3).any(dim=1).sum())
+        candidates.append({"block": (bh, bw), "stored_blocks": stored,
+                           "fill": nnz / (stored * bh * bw) if stored else 0.0})
+    candidates.sort(key=lambda c: (-c["fill"], -c["block"][0] * c["block"][1]))
+    return {"shape": (n, k), "nnz": nnz, "sparsity": 1.0 - nnz / weight.numel() if weight.numel() else 0.0,
+            "is_2_4": is_2_4, "blocks": candidates}
