@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200 with torch, triton and nvcc preinstalled, no
-# internet): build the extension with the CUDA kernels in place, run the GPU op tests (CUDA, Triton,
-# and the ops door; the CPU kernels are covered by CI), run the GPU benchmark. Everything useful lands in $OUT (default ./gpu_out), at most 6
-# files: summary.txt build.log pytest.log junit.xml bench.log gpu_bench.json.
+# internet): build the extension with the CUDA kernels in place, run the GPU op tests (CUDA,
+# Triton and the ops door; CI covers the CPU kernels), run the GPU benchmark. Everything useful
+# lands in $OUT (default ./gpu_out), at most 6 files:
+#   summary.txt build.log pytest.log junit.xml bench.log gpu_bench.json.
 # Runs every step even when one fails; exits nonzero if any failed. Step limits add up to 520 s,
 # so the whole script stays under 9 minutes (run it with timeout_s=600).
 #   bash bench/gpu_check.sh
