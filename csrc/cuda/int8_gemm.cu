@@ -47,7 +47,8 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a, const at::Tensor& b) {
               a.device(), " and ", b.device());
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
-  TORCH_CHECK(m < INT32_MAX && n < INT32_MAX && k < INT32_MAX, "sparseq: int8_gemm dimensions must be < 2^31");
+  TORCH_CHECK(m <= kMaxKernelDim && n <= kMaxKernelDim && k <= kMaxKernelDim,
+              "sparseq: int8_gemm dimensions must be <= 2^31 - 257, got ", a.sizes(), " and ", b.sizes());
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
   if (k == 0) return out.zero_();

@@ -119,7 +119,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, con
   TORCH_CHECK(x.is_cuda(), "sparseq: the CUDA int8_linear got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(m < INT32_MAX && n < INT32_MAX && k < INT32_MAX - 16, "sparseq: int8_linear dimensions must be < 2^31");
+  TORCH_CHECK(m <= kMaxKernelDim && n <= kMaxKernelDim && k <= kMaxKernelDim,
+              "sparseq: int8_linear dimensions must be <= 2^31 - 257, got x ", x.sizes(), " and N=", n);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   require_int8_tensor_cores();

@@ -242,6 +242,11 @@ void launch_int8_mma_gemm(const GemmOperands& ops, const Epilogue& epi, cudaStre
   }
 }
 
+// Largest M, N or K the kernels accept. They index rows, columns and K in int, and a tile reaches
+// past the last row/column by up to 127 and past K by up to 63 (K padded to 16, walked in 64), so
+// the extents must stay that far below 2^31 or the indices wrap (K: a negative kd = zeros, silently).
+constexpr int64_t kMaxKernelDim = INT32_MAX - 256;
+
 inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 inline int64_t round_up16(int64_t v) { return (v + 15) / 16 * 16; }
 

@@ -145,7 +145,9 @@ at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& w
   TORCH_CHECK(x.is_cuda(), "sparseq: the CUDA int8_weight_only_linear got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(n < INT32_MAX && k < INT32_MAX, "sparseq: int8_weight_only_linear dimensions must be < 2^31");
+  // The GEMV walks K in whole k-quads (to round_up(K, 4)) and 16-output blocks with int indices.
+  TORCH_CHECK(n <= kMaxKernelDim && k <= kMaxKernelDim,
+              "sparseq: int8_weight_only_linear dimensions must be <= 2^31 - 257, got x ", x.sizes(), " and N=", n);
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 
   if (m > kGemvMaxM) {
