@@ -91,6 +91,10 @@ def _check_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         raise ValueError(f"bias must be a float vector of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
 
 
+def _contiguous_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """Exact int8 GEMM: a int8 [M,K] @ b int8 [N,K].T -> int32 [M,N] (every int8 value, -128 too)."""
     _check_int8_2d(a, "a")
@@ -122,7 +126,7 @@ def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     which = _resolve_backend(backend, x.device)
     if which == "ext":
         return torch.ops.sparseq.int8_linear(x.contiguous(), w_packed.contiguous(), w_scale.contiguous(),
-                                             w_rowsum.contiguous(), bias, act_qmax)
+                                             w_rowsum.contiguous(), _contiguous_or_none(bias), act_qmax)
     if which == "triton":
         from .triton import int8_matmul
 
@@ -139,7 +143,7 @@ def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: to
     which = _resolve_backend(backend, x.device)
     if which == "ext":
         return torch.ops.sparseq.int8_weight_only_linear(x.contiguous(), w_packed.contiguous(),
-                                                         w_scale.contiguous(), bias)
+                                                         w_scale.contiguous(), _contiguous_or_none(bias))
     if which == "triton":
         raise ValueError("int8_weight_only_linear has no Triton kernel; use backend='auto' or 'cuda'")
     return _ref.int8_weight_only_linear(x, w_packed, w_scale, bias)

@@ -22,25 +22,30 @@ template <typename T>
 __global__ void __launch_bounds__(kQuantThreads)
     quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ x_scale, int k,
                          int64_t kq_stride, int qmax) {
-  __shared__ float warp_max[kQuantThreads / 32];
+  __shared__ unsigned warp_max[kQuantThreads / 32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * k;
-  float amax = 0.f;
+  // Max of |x| on the bit patterns: non-negative floats order like unsigned integers, and
+  // Inf/NaN (>= 0x7f800000) sort above every finite value, where fmaxf would drop a NaN.
+  unsigned amax = 0u;
   // Unrolled so that several loads are in flight: for one row (decoding) this loop is latency bound.
 #pragma unroll 8
-  for (int i = threadIdx.x; i < k; i += kQuantThreads) amax = fmaxf(amax, fabsf(static_cast<float>(xr[i])));
+  for (int i = threadIdx.x; i < k; i += kQuantThreads)
+    amax = max(amax, __float_as_uint(fabsf(static_cast<float>(xr[i]))));
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  for (int off = 16; off > 0; off >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
   __syncthreads();
   amax = warp_max[0];
 #pragma unroll
-  for (int w = 1; w < kQuantThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+  for (int w = 1; w < kQuantThreads / 32; ++w) amax = max(amax, warp_max[w]);
 
-  const float absmax = amax > 0.f ? amax : 1.f;
+  // A NaN/Inf row quantizes to zeros with a NaN scale, so its outputs come out NaN (see _ref).
+  const bool finite = amax < 0x7f800000u;
+  const float absmax = finite && amax > 0u ? __uint_as_float(amax) : 1.f;
   const float qmax_f = static_cast<float>(qmax);
-  const float inv = __fdiv_rn(qmax_f, absmax);
-  if (threadIdx.x == 0) x_scale[row] = __fdiv_rn(absmax, qmax_f);
+  const float inv = finite ? __fdiv_rn(qmax_f, absmax) : 0.f;
+  if (threadIdx.x == 0) x_scale[row] = finite ? __fdiv_rn(absmax, qmax_f) : __int_as_float(0x7fc00000);
 
   // Four columns per thread so each store is one aligned 32-bit word (kq_stride % 16 == 0).
   uint32_t* qr = reinterpret_cast<uint32_t*>(q + row * kq_stride);
@@ -52,7 +57,7 @@ __global__ void __launch_bounds__(kQuantThreads)
     for (int j = 0; j < 4; ++j) {
       const int col = wi * 4 + j;
       int v = 0;
-      if (col < k) {
+      if (col < k && finite) {
         v = __float2int_rn(__fmul_rn(static_cast<float>(xr[col]), inv));  // rint: half to even
         v = min(max(v, -qmax), qmax);
       }

@@ -148,21 +148,39 @@ def test_compile_fullgraph_through_the_ops():
     assert torch.equal(compiled[1], eager[1])
 
 
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("disable_avx2", ["0", "1"])
 @pytest.mark.parametrize("act_qmax", [127, 63])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nonfinite_rows_give_nan_outputs(monkeypatch, disable_avx2, act_qmax, dtype):
+def test_nonfinite_rows_give_nan_outputs(monkeypatch, device, disable_avx2, act_qmax, dtype):
     monkeypatch.setenv("SPARSEQ_DISABLE_AVX2", disable_avx2)
     pw = _packed(20, 45, seed=3)
+    pw = PackedInt8Weight(pw.packed.to(device), pw.scale.to(device), pw.rowsum.to(device), 45, 20)
     x = torch.randn(5, 45).to(dtype)
     x[1, 7] = float("nan")
     x[2, 44] = float("inf")  # in the scalar tail of an 8-wide loop
     x[3, 0] = -float("inf")
     q, scale = _ref.quantize_per_row(x, act_qmax)
     assert not q[1:4].any() and torch.isnan(scale[1:4]).all() and torch.isfinite(scale[[0, 4]]).all()
+    x = x.to(device)
     for backend in ("auto", "reference"):
-        out = ops.int8_linear(x, pw.packed, pw.scale, pw.rowsum, torch.randn(20), act_qmax, backend=backend)
+        out = ops.int8_linear(x, pw.packed, pw.scale, pw.rowsum, torch.randn(20, device=device), act_qmax,
+                              backend=backend)
         assert torch.isnan(out[1:4]).all(), backend
         ref = _ref.int8_linear(x[[0, 4]], pw.packed, pw.scale, pw.rowsum, None, act_qmax)
         clean = ops.int8_linear(x[[0, 4]], pw.packed, pw.scale, pw.rowsum, None, act_qmax, backend=backend)
         torch.testing.assert_close(clean, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+def test_non_contiguous_bias_is_accepted():
+    pw = _packed(20, 30, seed=4)
+    x = torch.randn(3, 30)
+    bias = torch.randn(20, 2)[:, 0]  # a strided view
+    out = ops.int8_linear(x, pw.packed, pw.scale, pw.rowsum, bias, 127)
+    ref = _ref.int8_linear(x, pw.packed, pw.scale, pw.rowsum, bias.contiguous(), 127)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out = ops.int8_weight_only_linear(x, pw.packed, pw.scale, bias)
+    torch.testing.assert_close(out, _ref.int8_weight_only_linear(x, pw.packed, pw.scale, bias), rtol=1e-4, atol=1e-4)
