@@ -79,7 +79,7 @@ class PackedInt8Weight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.rowsum))
+        return _nbytes(self.packed, self.scale, self.rowsum)
 
 
 # ----------------------------------------------------------------------------------------------

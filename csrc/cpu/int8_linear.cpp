@@ -12,19 +12,12 @@
 #include <limits>
 
 #include "int8_kernels.h"
+#include "op_common.h"
 #include "sparseq/checks.h"
 #include "sparseq/cpu_features.h"
 
 namespace sparseq::cpu {
 namespace {
-
-OutType out_type_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kBFloat16: return OutType::kBFloat16;
-    case at::kHalf: return OutType::kFloat16;
-    default: return OutType::kFloat32;
-  }
-}
 
 template <typename T>
 void quantize_rows_portable_typed(const T* x, int64_t k, int64_t m_begin, int64_t m_end, int32_t qmax,
@@ -111,8 +104,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
     }
   });
 
-  at::Tensor bias_f32;
-  if (bias.has_value()) bias_f32 = bias->to(at::kFloat).contiguous();
+  const at::Tensor bias_f32 = bias_as_float(bias);
   GemmProblem p;
   p.a_u = u_ptr;
   p.a_sign = s_ptr;
@@ -128,7 +120,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
   p.w_rowsum = w_rowsum.const_data_ptr<int32_t>();
   p.x_scale = scale_ptr;
   p.w_scale = w_scale.const_data_ptr<float>();
-  p.bias = bias.has_value() ? bias_f32.const_data_ptr<float>() : nullptr;
+  p.bias = float_ptr_or_null(bias_f32);
   p.check_w_min = !offset_form;
   if (!run_gemm(p, use_avx2)) {
     // A weight of -128 (PackedInt8Weight never makes one) breaks the sign trick; redo exactly.

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "int8_kernels.h"
+#include "op_common.h"
 #include "parallel_tiles.h"
 #include "sparseq/checks.h"
 #include "sparseq/cpu_features.h"
@@ -54,8 +55,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
     x_f32 = at::zeros({m, ldx}, x.options().dtype(at::kFloat));
     x_f32.narrow(1, 0, k).copy_(x);
   }
-  at::Tensor bias_f32;
-  if (bias.has_value()) bias_f32 = bias->to(at::kFloat).contiguous();
+  const at::Tensor bias_f32 = bias_as_float(bias);
 
   WeightOnlyProblem p;
   p.x = x_f32.const_data_ptr<float>();
@@ -65,11 +65,9 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   p.m = m;
   p.n = n;
   p.w_scale = w_scale.const_data_ptr<float>();
-  p.bias = bias.has_value() ? bias_f32.const_data_ptr<float>() : nullptr;
+  p.bias = float_ptr_or_null(bias_f32);
   p.c_out = out.mutable_data_ptr();
-  p.out_type = x.scalar_type() == at::kBFloat16 ? OutType::kBFloat16
-               : x.scalar_type() == at::kHalf   ? OutType::kFloat16
-                                                : OutType::kFloat32;
+  p.out_type = out_type_of(x);
   p.ldc = n;
 
   const bool use_avx2 = cpu_has_avx2_fma();

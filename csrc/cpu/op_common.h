@@ -1,0 +1,28 @@
+#pragma once
+// Torch-side helpers shared by the CPU op files (not the AVX2 files: int8_kernels.h stays
+// torch-free for them).
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "int8_kernels.h"
+
+namespace sparseq::cpu {
+
+inline OutType out_type_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return OutType::kBFloat16;
+    case at::kHalf: return OutType::kFloat16;
+    default: return OutType::kFloat32;
+  }
+}
+
+// The kernels' epilogues read the bias as fp32: returns an undefined tensor when there is none.
+inline at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+inline const float* float_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
+}  // namespace sparseq::cpu
