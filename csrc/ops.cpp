@@ -18,6 +18,24 @@ TORCH_LIBRARY(sparseq, m) {
   // (w[n,k] * w_scale[n]) plus bias, in x's dtype.
   m.def(
       "int8_weight_only_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias) -> Tensor");
+
+  // Sparse linears (layouts in include/sparseq/sparse_formats.h): x float [M,K] times the sparse
+  // weight W [N,K], fp32 accumulation, then * w_scale[n] when the values are int8 codes (w_scale is
+  // given exactly then), + bias[n], in x's dtype. Values may be float32 / bfloat16 / float16 / int8
+  // whatever x's dtype is. K is x.size(1); N comes from the index tensors.
+  m.def(
+      "sparse_csr_linear(Tensor x, Tensor seg_ptr, Tensor col_offsets, Tensor values, Tensor? w_scale, "
+      "Tensor? bias) -> Tensor");
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? w_scale, Tensor? bias) -> Tensor");
+  m.def(
+      "bsr_linear(Tensor x, Tensor block_row_ptr, Tensor block_col_idx, Tensor values, Tensor? w_scale, "
+      "Tensor? bias, int out_features) -> Tensor");
+  // W8A8 dynamic linear on a 2:4 int8 weight: x quantized per row exactly as in int8_linear
+  // (act_qmax 127 or 63), an exact int32 dot with the stored codes, then
+  // acc * (x_scale[m] * w_scale[n]) + bias[n] in x's dtype.
+  m.def(
+      "sparse24_int8_linear(Tensor x, Tensor values, Tensor meta, Tensor w_scale, Tensor? bias, "
+      "int act_qmax) -> Tensor");
 }
 
 namespace {

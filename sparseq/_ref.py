@@ -100,54 +100,94 @@ def _row_chunks(entries_per_row: float, rows: int, m: int):
         yield start, min(rows, start + step)
 
 
-def _scaled(out: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _epilogue(out: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+              x: torch.Tensor) -> torch.Tensor:
+    """fp32 accumulator -> per-output-channel scale (int8 codes) -> bias -> x.dtype."""
     if scale is not None:
         out = out * scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
     return out.to(x.dtype)
 
 
-def csr_matmul(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T for a SparseCSRWeight's tensors: out[m, n] = sum_e x[m, col[e]] * val[e]."""
+CSR_SEGMENT = 256
+
+
+def csr_segments(in_features: int) -> int:
+    """Segments per row of a SparseCSRWeight: ceil(K / 256), at least 1."""
+    return max(1, -(-in_features // CSR_SEGMENT))
+
+
+def csr_columns(seg_ptr: torch.Tensor, col_offsets: torch.Tensor, segments: int) -> torch.Tensor:
+    """int64 [nnz]: absolute columns of a SparseCSRWeight's entries (segment start + offset)."""
+    counts = (seg_ptr[1:] - seg_ptr[:-1]).to(torch.int64)
+    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    return (segment % segments) * CSR_SEGMENT + col_offsets.to(torch.int64)
+
+
+def sparse_csr_linear(x: torch.Tensor, seg_ptr: torch.Tensor, col_offsets: torch.Tensor,
+                      values: torch.Tensor, w_scale: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for a SparseCSRWeight's tensors:
+    out[m, n] = sum over row n's entries e of x[m, column(e)] * values[e] (* w_scale[n])."""
     xf = x.float()
-    m, n = xf.shape[0], row_ptr.numel() - 1
+    m, k = xf.shape
+    segments = csr_segments(k)
+    n = (seg_ptr.numel() - 1) // segments
     out = xf.new_zeros(m, n)
+    row_ptr = seg_ptr[::segments]
     counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    columns = csr_columns(seg_ptr, col_offsets, segments)
     for r0, r1 in _row_chunks(values.numel() / max(n, 1), n, m):
         e0, e1 = int(row_ptr[r0]), int(row_ptr[r1])
         rows = torch.repeat_interleave(torch.arange(r0, r1, device=x.device), counts[r0:r1])
-        products = xf[:, col_idx[e0:e1].to(torch.int64)] * values[e0:e1].float()
+        products = xf[:, columns[e0:e1]] * values[e0:e1].float()
         out.index_add_(1, rows, products)
-    return _scaled(out, scale, x)
+    return _epilogue(out, w_scale, bias, x)
 
 
-def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T for a Sparse24Weight's tensors: each stored value meets the x entry its
-    2-bit position selects inside its group of 4 columns (layout in Sparse24Weight)."""
-    xf = x.float()
+def _sparse24_dot(xf: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """sum over each row's stored values of value * the x entry its 2-bit position selects,
+    in xf's dtype (float32 for float weights, float64 for exact integer sums)."""
     m, k = xf.shape
     n, half = values.shape
     groups = half // 2
-    xg = torch.zeros(m, groups * 4, dtype=torch.float32, device=x.device)
+    xg = xf.new_zeros(m, groups * 4)
     xg[:, :k] = xf
     xg = xg.view(m, groups, 4)
     codes = meta.to(torch.int64)
     nibbles = torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(n, 2 * codes.shape[1])[:, :groups]
     out = xf.new_zeros(m, n)
+    group_index = torch.arange(groups, device=xf.device)[None, :]
     for r0, r1 in _row_chunks(half, n, m):
         for slot, position in enumerate((nibbles[r0:r1] & 3, nibbles[r0:r1] >> 2)):
-            # x entries picked per (row, group): [M, rows, G]
-            picked = xg[:, torch.arange(groups, device=x.device)[None, :], position]
-            out[:, r0:r1] += (picked * values[r0:r1, slot::2].float()).sum(dim=2)
-    return _scaled(out, scale, x)
+            picked = xg[:, group_index, position]  # x entries picked per (row, group): [M, rows, G]
+            out[:, r0:r1] += (picked * values[r0:r1, slot::2].to(xf.dtype)).sum(dim=2)
+    return out
 
 
-def bsr_matmul(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
-               values: torch.Tensor, out_features: int,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T for a BlockSparseWeight's tensors: every stored block (i, j) is a dense
-    [bh, bw] product of x's columns j*bw.. with output rows i*bh.., the rest is skipped."""
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for a Sparse24Weight's tensors: each stored value meets the x entry
+    its 2-bit position selects inside its group of 4 columns (layout in Sparse24Weight)."""
+    return _epilogue(_sparse24_dot(x.float(), values, meta), w_scale, bias, x)
+
+
+def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                         w_scale: torch.Tensor, bias: torch.Tensor | None, act_qmax: int) -> torch.Tensor:
+    """W8A8 dynamic linear on a 2:4 int8 weight: x quantized per row exactly as int8_linear does,
+    an exact integer dot with the stored codes, then acc * x_scale[m] * w_scale[n] + bias."""
+    q, x_scale = quantize_per_row(x, act_qmax)
+    # float64 sums of int8 x int8 products are exact for K < 2^39; the result fits int32.
+    acc = _sparse24_dot(q.to(torch.float64), values, meta).to(torch.int32)
+    return dequant_epilogue(acc, x_scale, w_scale, bias, x.dtype)
+
+
+def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
+               values: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+               out_features: int) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for a BlockSparseWeight's tensors: every stored block (i, j) is a
+    dense [bh, bw] product of x's columns j*bw.. with output rows i*bh.., the rest is skipped."""
     xf = x.float()
     m, k = xf.shape
     nnzb, bh, bw = values.shape
@@ -164,4 +204,4 @@ def bsr_matmul(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torc
         x_blocks = xb[:, block_col_idx[e0:e1].to(torch.int64)]          # [M, blocks, bw]
         products = torch.einsum("mjb,jhb->mjh", x_blocks, values[e0:e1].float())
         out.index_add_(1, rows, products)
-    return _scaled(out.reshape(m, nb * bh)[:, :out_features], scale, x)
+    return _epilogue(out.reshape(m, nb * bh)[:, :out_features], w_scale, bias, x)

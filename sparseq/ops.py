@@ -149,6 +149,156 @@ def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: to
     return _ref.int8_weight_only_linear(x, w_packed, w_scale, bias)
 
 
+# ----------------------------------------------------------------------------------------------
+# Sparse linears (layouts: sparseq/formats.py, csrc/include/sparseq/sparse_formats.h)
+# ----------------------------------------------------------------------------------------------
+
+_SPARSE_VALUE_DTYPES = _FLOAT_DTYPES + (torch.int8,)
+
+
+def _check_index(t: torch.Tensor, dtype: torch.dtype, name: str, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 1-D {dtype} tensor, got {got}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_sparse_values(x: torch.Tensor, values: torch.Tensor, w_scale: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], n: int) -> None:
+    if not isinstance(values, torch.Tensor) or values.dtype not in _SPARSE_VALUE_DTYPES:
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise TypeError(f"sparse values must be float32, bfloat16, float16 or int8, got {got}")
+    if values.device != x.device:
+        raise ValueError(f"values are on {values.device} but x is on {x.device}")
+    if values.dtype == torch.int8:
+        if (not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32
+                or tuple(w_scale.shape) != (n,)):
+            got = None if w_scale is None else f"{w_scale.dtype} {tuple(w_scale.shape)}"
+            raise ValueError(f"int8 sparse values need w_scale, a float32 vector of shape ({n},), got {got}")
+        if w_scale.device != x.device:
+            raise ValueError(f"w_scale is on {w_scale.device} but x is on {x.device}")
+    elif w_scale is not None:
+        raise ValueError(f"w_scale is only for int8 values; these values are {values.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,) or not bias.is_floating_point():
+            got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a float vector of shape ({n},), got {got}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+
+
+def sparse_csr_linear(x: torch.Tensor, seg_ptr: torch.Tensor, col_offsets: torch.Tensor,
+                      values: torch.Tensor, w_scale: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, *, in_features: Optional[int] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for an unstructured SparseCSRWeight (segmented CSR, uint8 offsets)."""
+    _check_activation(x, in_features)
+    _check_index(seg_ptr, torch.int32, "seg_ptr", x)
+    _check_index(col_offsets, torch.uint8, "col_offsets", x)
+    segments = _ref.csr_segments(x.shape[1])
+    if (seg_ptr.numel() - 1) % segments or seg_ptr.numel() < 1:
+        raise ValueError(f"seg_ptr has {seg_ptr.numel()} entries; for K={x.shape[1]} it must hold "
+                         f"N*{segments}+1 (one pointer per 256-column segment of every row, plus the end)")
+    n = (seg_ptr.numel() - 1) // segments
+    if values.dim() != 1 or values.numel() != col_offsets.numel():
+        raise ValueError(f"values must be 1-D with one entry per column offset ({col_offsets.numel()}), "
+                         f"got shape {tuple(values.shape)}")
+    _check_sparse_values(x, values, w_scale, bias, n)
+    which = _resolve_backend(backend, x.device)
+    if which == "ext":
+        return torch.ops.sparseq.sparse_csr_linear(x.contiguous(), seg_ptr.contiguous(), col_offsets.contiguous(),
+                                                   values.contiguous(), _contiguous_or_none(w_scale),
+                                                   _contiguous_or_none(bias))
+    if which == "triton":
+        raise ValueError("sparse_csr_linear has no Triton kernel; use backend='auto', 'cpu' or 'cuda'")
+    return _ref.sparse_csr_linear(x, seg_ptr, col_offsets, values, w_scale, bias)
+
+
+def _check_sparse24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> int:
+    groups = -(-x.shape[1] // 4)
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != 2 * groups:
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"2:4 values must be [N, {2 * groups}] for K={x.shape[1]}, got {got}")
+    n = values.shape[0]
+    if (not isinstance(meta, torch.Tensor) or meta.dtype != torch.uint8
+            or tuple(meta.shape) != (n, -(-groups // 2))):
+        got = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
+        raise ValueError(f"2:4 meta must be uint8 of shape ({n}, {-(-groups // 2)}), got {got}")
+    if meta.device != x.device:
+        raise ValueError(f"meta is on {meta.device} but x is on {x.device}")
+    return n
+
+
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                    in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for a 2:4 Sparse24Weight (float activations; int8 codes dequantized
+    with w_scale in the epilogue)."""
+    _check_activation(x, in_features)
+    n = _check_sparse24(x, values, meta)
+    _check_sparse_values(x, values, w_scale, bias, n)
+    which = _resolve_backend(backend, x.device)
+    if which == "ext":
+        return torch.ops.sparseq.sparse24_linear(x.contiguous(), values.contiguous(), meta.contiguous(),
+                                                 _contiguous_or_none(w_scale), _contiguous_or_none(bias))
+    if which == "triton":
+        raise ValueError("sparse24_linear has no Triton kernel; use backend='auto', 'cpu' or 'cuda'")
+    return _ref.sparse24_linear(x, values, meta, w_scale, bias)
+
+
+def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, w_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, act_qmax: int = 127, *,
+                         in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """W8A8 dynamic linear on a 2:4 int8 weight: activations quantized per row like int8_linear,
+    exact integer dot with the codes, dequantization and bias."""
+    _check_activation(x, in_features)
+    n = _check_sparse24(x, values, meta)
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
+        raise TypeError(f"sparse24_int8_linear needs int8 values, got {getattr(values, 'dtype', type(values))}")
+    _check_sparse_values(x, values, w_scale, bias, n)
+    if act_qmax not in (63, 127):
+        raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
+    which = _resolve_backend(backend, x.device)
+    if which == "ext":
+        return torch.ops.sparseq.sparse24_int8_linear(x.contiguous(), values.contiguous(), meta.contiguous(),
+                                                      w_scale.contiguous(), _contiguous_or_none(bias), act_qmax)
+    if which == "triton":
+        raise ValueError("sparse24_int8_linear has no Triton kernel; use backend='auto', 'cpu' or 'cuda'")
+    return _ref.sparse24_int8_linear(x, values, meta, w_scale, bias, act_qmax)
+
+
+def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
+               values: torch.Tensor, w_scale: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, *, out_features: int,
+               in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for a BlockSparseWeight (blocks [bh, bw], empty blocks skipped)."""
+    _check_activation(x, in_features)
+    _check_index(block_row_ptr, torch.int32, "block_row_ptr", x)
+    _check_index(block_col_idx, torch.int32, "block_col_idx", x)
+    if (not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[0] != block_col_idx.numel()
+            or values.shape[1] < 1 or values.shape[2] < 1):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"BSR values must be [nnz_blocks={block_col_idx.numel()}, bh, bw], got {got}")
+    bh = values.shape[1]
+    if not isinstance(out_features, int) or out_features < 0 or block_row_ptr.numel() != -(-out_features // bh) + 1:
+        raise ValueError(f"block_row_ptr has {block_row_ptr.numel()} entries; out_features={out_features} "
+                         f"with bh={bh} needs {-(-out_features // bh) + 1}")
+    _check_sparse_values(x, values, w_scale, bias, out_features)
+    which = _resolve_backend(backend, x.device)
+    if which == "ext":
+        return torch.ops.sparseq.bsr_linear(x.contiguous(), block_row_ptr.contiguous(), block_col_idx.contiguous(),
+                                            values.contiguous(), _contiguous_or_none(w_scale),
+                                            _contiguous_or_none(bias), out_features)
+    if which == "triton":
+        from .triton import bsr_matmul
+
+        return bsr_matmul.bsr_linear(x.contiguous(), block_row_ptr.contiguous(), block_col_idx.contiguous(),
+                                     values.contiguous(), _contiguous_or_none(w_scale),
+                                     _contiguous_or_none(bias), out_features)
+    return _ref.bsr_linear(x, block_row_ptr, block_col_idx, values, w_scale, bias, out_features)
+
+
 if HAS_EXT:
     # Shapes and dtypes only, so torch.compile / torch.export trace through the kernels.
     @torch.library.register_fake("sparseq::int8_gemm")
@@ -162,3 +312,20 @@ if HAS_EXT:
     @torch.library.register_fake("sparseq::int8_weight_only_linear")
     def _int8_weight_only_linear_fake(x, w_packed, w_scale, bias):
         return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+    @torch.library.register_fake("sparseq::sparse_csr_linear")
+    def _sparse_csr_linear_fake(x, seg_ptr, col_offsets, values, w_scale, bias):
+        n = (seg_ptr.shape[0] - 1) // _ref.csr_segments(x.shape[1])
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("sparseq::sparse24_linear")
+    def _sparse24_linear_fake(x, values, meta, w_scale, bias):
+        return x.new_empty((x.shape[0], values.shape[0]))
+
+    @torch.library.register_fake("sparseq::sparse24_int8_linear")
+    def _sparse24_int8_linear_fake(x, values, meta, w_scale, bias, act_qmax):
+        return x.new_empty((x.shape[0], values.shape[0]))
+
+    @torch.library.register_fake("sparseq::bsr_linear")
+    def _bsr_linear_fake(x, block_row_ptr, block_col_idx, values, w_scale, bias, out_features):
+        return x.new_empty((x.shape[0], out_features))

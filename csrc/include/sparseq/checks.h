@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include "sparseq/packed_int8.h"
+#include "sparseq/sparse_formats.h"
 
 namespace sparseq {
 
@@ -23,6 +24,14 @@ inline void check_float_activation(const at::Tensor& x) {
   TORCH_CHECK(x.is_contiguous(), "sparseq: x must be contiguous");
 }
 
+inline void check_bias(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
+              "sparseq: bias must be a contiguous vector of N=", n, " elements, got ", bias->sizes());
+  TORCH_CHECK(bias->device() == x.device(), "sparseq: bias must be on x's device");
+  TORCH_CHECK(bias->is_floating_point(), "sparseq: bias must be floating point");
+}
+
 // Checks the n16k4 packed weight against K (from x) and N (from w_scale) and returns N.
 inline int64_t check_packed_weight(const at::Tensor& x, const at::Tensor& w_packed,
                                    const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias) {
@@ -39,13 +48,92 @@ inline int64_t check_packed_weight(const at::Tensor& x, const at::Tensor& w_pack
               k, " (from x)");
   TORCH_CHECK(x.device() == w_packed.device() && x.device() == w_scale.device(),
               "sparseq: x, w_packed and w_scale must be on the same device");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),
-                "sparseq: bias must be a contiguous vector of N=", n, " elements, got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), "sparseq: bias must be on x's device");
-    TORCH_CHECK(bias->is_floating_point(), "sparseq: bias must be floating point");
-  }
+  check_bias(x, bias, n);
   return n;
+}
+
+// Sparse values: float32/bfloat16/float16, or int8 codes that need w_scale float32 [N].
+inline void check_sparse_values(const at::Tensor& x, const at::Tensor& values,
+                                const c10::optional<at::Tensor>& w_scale, int64_t n) {
+  const auto t = values.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kChar,
+              "sparseq: sparse values must be float32, bfloat16, float16 or int8, got ", t);
+  TORCH_CHECK(values.is_contiguous(), "sparseq: sparse values must be contiguous");
+  TORCH_CHECK(values.device() == x.device(), "sparseq: sparse values must be on x's device");
+  if (t == at::kChar) {
+    TORCH_CHECK(w_scale.has_value(), "sparseq: int8 sparse values need w_scale (float32 [N])");
+    TORCH_CHECK(w_scale->scalar_type() == at::kFloat && w_scale->dim() == 1 && w_scale->size(0) == n &&
+                    w_scale->is_contiguous() && w_scale->device() == x.device(),
+                "sparseq: w_scale must be a contiguous float32 vector of N=", n, " on x's device, got ",
+                w_scale->scalar_type(), " ", w_scale->sizes());
+  } else {
+    TORCH_CHECK(!w_scale.has_value(), "sparseq: w_scale is only for int8 sparse values, got ", t, " values");
+  }
+}
+
+inline void check_index_tensor(const at::Tensor& x, const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous(), "sparseq: ", name,
+              " must be a contiguous 1-D ", dtype, " tensor, got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), "sparseq: ", name, " must be on x's device");
+}
+
+// Returns N. Only shapes are checked here (O(1)); pointer contents are checked by the kernels as
+// they read them, and a uint8 offset cannot leave its segment.
+inline int64_t check_csr_weight(const at::Tensor& x, const at::Tensor& seg_ptr, const at::Tensor& col_offsets,
+                                const at::Tensor& values, const c10::optional<at::Tensor>& w_scale,
+                                const c10::optional<at::Tensor>& bias) {
+  check_float_activation(x);
+  check_index_tensor(x, seg_ptr, at::kInt, "seg_ptr");
+  check_index_tensor(x, col_offsets, at::kByte, "col_offsets");
+  const int64_t segments = csr_segments(x.size(1));
+  TORCH_CHECK(seg_ptr.numel() >= 1 && (seg_ptr.numel() - 1) % segments == 0, "sparseq: seg_ptr has ",
+              seg_ptr.numel(), " entries; for K=", x.size(1), " it must hold N*", segments, "+1");
+  const int64_t n = (seg_ptr.numel() - 1) / segments;
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col_offsets.numel(),
+              "sparseq: values must be 1-D with one entry per column offset (", col_offsets.numel(), "), got ",
+              values.sizes());
+  check_sparse_values(x, values, w_scale, n);
+  check_bias(x, bias, n);
+  return n;
+}
+
+// Returns N.
+inline int64_t check_sparse24_weight(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                     const c10::optional<at::Tensor>& w_scale,
+                                     const c10::optional<at::Tensor>& bias) {
+  check_float_activation(x);
+  const int64_t groups = sparse24_groups(x.size(1));
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == 2 * groups, "sparseq: 2:4 values must be [N, ",
+              2 * groups, "] for K=", x.size(1), ", got ", values.sizes());
+  const int64_t n = values.size(0);
+  TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == n &&
+                  meta.size(1) == (groups + 1) / 2 && meta.is_contiguous(),
+              "sparseq: 2:4 meta must be contiguous uint8 [", n, ", ", (groups + 1) / 2, "], got ",
+              meta.scalar_type(), " ", meta.sizes());
+  TORCH_CHECK(meta.device() == x.device(), "sparseq: meta must be on x's device");
+  check_sparse_values(x, values, w_scale, n);
+  check_bias(x, bias, n);
+  return n;
+}
+
+// Returns the number of block rows NB; N is out_features.
+inline int64_t check_bsr_weight(const at::Tensor& x, const at::Tensor& block_row_ptr,
+                                const at::Tensor& block_col_idx, const at::Tensor& values,
+                                const c10::optional<at::Tensor>& w_scale, const c10::optional<at::Tensor>& bias,
+                                int64_t out_features) {
+  check_float_activation(x);
+  check_index_tensor(x, block_row_ptr, at::kInt, "block_row_ptr");
+  check_index_tensor(x, block_col_idx, at::kInt, "block_col_idx");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == block_col_idx.numel() && values.size(1) > 0 &&
+                  values.size(2) > 0,
+              "sparseq: BSR values must be [nnz_blocks=", block_col_idx.numel(), ", bh, bw], got ", values.sizes());
+  const int64_t bh = values.size(1);
+  TORCH_CHECK(out_features >= 0 && block_row_ptr.numel() == (out_features + bh - 1) / bh + 1,
+              "sparseq: block_row_ptr has ", block_row_ptr.numel(), " entries; out_features=", out_features,
+              " with bh=", bh, " needs ", (out_features + bh - 1) / bh + 1);
+  check_sparse_values(x, values, w_scale, out_features);
+  check_bias(x, bias, out_features);
+  return block_row_ptr.numel() - 1;
 }
 
 }  // namespace sparseq
