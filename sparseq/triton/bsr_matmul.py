@@ -76,6 +76,7 @@ def _bsr_linear_kernel(
     x_ptr, row_ptr_ptr, col_idx_ptr, values_ptr, w_scale_ptr, bias_ptr, out_ptr, error_ptr,
     M, N, K, NB, KB, NNZB, M_BUCKET, stride_xm, stride_om,
     BH: tl.constexpr, BW: tl.constexpr, BH_P: tl.constexpr, BW_P: tl.constexpr,
+    PADDED_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, FMA_CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_BIT_RTNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -103,23 +104,37 @@ def _bsr_linear_kernel(
         col_ok = (col >= 0) & (col < KB)
         bad_columns += (~col_ok).to(tl.int32)
         block = values_ptr + e * (BH * BW)
+        # Masks that the compiler sees as constant along k keep the x loads vectorized (and
+        # pipelined with cp.async / TMA-free async copies); a per-element k mask would not.
         if USE_DOT:
             offs_w = tl.arange(0, BW_P)
             k = col * BW + offs_w
-            x_tile = tl.load(x_rows + k[None, :],
-                             mask=mask_m[:, None] & ((offs_w < BW) & (k < K) & col_ok)[None, :], other=0.0)
+            if EVEN_K:
+                x_mask = mask_m[:, None] & col_ok
+            else:
+                x_mask = mask_m[:, None] & ((offs_w < BW) & (k < K) & col_ok)[None, :]
+            x_tile = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
             # The block transposed, [bw, bh]: tl.dot's right operand is [K, N].
-            w_tile = tl.load(block + offs_h[None, :] * BW + offs_w[:, None],
-                             mask=(offs_w < BW)[:, None] & (offs_h < BH)[None, :], other=0.0)
+            w_ptrs = block + offs_h[None, :] * BW + offs_w[:, None]
+            if PADDED_BLOCK:
+                w_tile = tl.load(w_ptrs, mask=(offs_w < BW)[:, None] & (offs_h < BH)[None, :], other=0.0)
+            else:
+                w_tile = tl.load(w_ptrs)
             acc = tl.dot(x_tile.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc, input_precision="ieee")
         else:
             for c0 in tl.static_range(0, BW_P, FMA_CHUNK):
                 offs_w = c0 + tl.arange(0, FMA_CHUNK)
                 k = col * BW + offs_w
-                x_tile = tl.load(x_rows + k[None, :],
-                                 mask=mask_m[:, None] & ((offs_w < BW) & (k < K) & col_ok)[None, :], other=0.0)
-                w_tile = tl.load(block + offs_h[:, None] * BW + offs_w[None, :],
-                                 mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :], other=0.0)
+                if EVEN_K:
+                    x_mask = mask_m[:, None] & col_ok
+                else:
+                    x_mask = mask_m[:, None] & ((offs_w < BW) & (k < K) & col_ok)[None, :]
+                x_tile = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
+                w_ptrs = block + offs_h[:, None] * BW + offs_w[None, :]
+                if PADDED_BLOCK:
+                    w_tile = tl.load(w_ptrs, mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :], other=0.0)
+                else:
+                    w_tile = tl.load(w_ptrs)
                 acc += tl.sum(x_tile.to(tl.float32)[:, None, :] * w_tile.to(tl.float32)[None, :, :], axis=2)
 
     # Masked scalar stores: only programs that met a bad index write, all the same flag.
@@ -142,7 +157,7 @@ def _bsr_linear_kernel(
 
 
 _kernel = triton.heuristics({"FMA_CHUNK": _fma_chunk})(_bsr_linear_kernel)
-_tuned = triton.autotune(configs=configs(), key=["M_BUCKET", "N", "K", "BH", "BW", "USE_DOT", "DOT_DTYPE"],
+_tuned = triton.autotune(configs=configs(), key=["M_BUCKET", "N", "K", "BH", "BW", "DOT_DTYPE"],
                          prune_configs_by={"early_config_prune": _prune_configs})(_kernel)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -160,6 +175,17 @@ def dot_dtype(x_dtype: torch.dtype, values_dtype: torch.dtype) -> torch.dtype:
     if values_dtype == x_dtype or values_dtype == torch.int8:
         return x_dtype
     return torch.float32
+
+
+def launch_constants(x_dtype: torch.dtype, values_dtype: torch.dtype, block: tuple[int, int],
+                     in_features: int, has_bias: bool) -> dict:
+    """The kernel's constexpr arguments (all but the tile config) for one problem."""
+    bh, bw = block
+    bh_p, bw_p = triton.next_power_of_2(bh), triton.next_power_of_2(bw)
+    return dict(BH=bh, BW=bw, BH_P=bh_p, BW_P=bw_p, PADDED_BLOCK=(bh, bw) != (bh_p, bw_p),
+                EVEN_K=bw == bw_p and in_features % bw == 0,
+                USE_DOT=uses_tensor_cores(block), DOT_DTYPE=_TL_DTYPES[dot_dtype(x_dtype, values_dtype)],
+                HAS_SCALE=values_dtype == torch.int8, HAS_BIAS=has_bias, USE_BIT_RTNE_BF16=INTERPRET)
 
 
 def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
@@ -182,14 +208,10 @@ def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torc
     if m == 0 or out_features == 0:
         return out
     error = torch.zeros(2, dtype=torch.int32, device=x.device)
-    use_dot = uses_tensor_cores((bh, bw))
     args = (x, block_row_ptr.contiguous(), block_col_idx.contiguous(), values,
             None if w_scale is None else w_scale.contiguous(), None if bias is None else bias.contiguous(),
             out, error, m, out_features, k, nb, -(-k // bw), nnzb, _m_bucket(m), x.stride(0), out.stride(0))
-    meta = dict(BH=bh, BW=bw, BH_P=triton.next_power_of_2(bh), BW_P=triton.next_power_of_2(bw),
-                USE_DOT=use_dot, DOT_DTYPE=_TL_DTYPES[dot_dtype(x.dtype, values.dtype)],
-                HAS_SCALE=values.dtype == torch.int8, HAS_BIAS=bias is not None,
-                USE_BIT_RTNE_BF16=INTERPRET)
+    meta = launch_constants(x.dtype, values.dtype, (bh, bw), k, bias is not None)
 
     def grid(kernel_meta):
         return (nb * triton.cdiv(m, kernel_meta["BLOCK_M"]),)
