@@ -155,10 +155,11 @@ def test_padding_of_stored_blocks_is_ignored():
     torch.testing.assert_close(out[finite], ref[finite])
 
 
-def test_bad_indices_raise_instead_of_reading_out_of_bounds():
+@pytest.mark.parametrize("k", (40, 48))  # K % bw != 0 and == 0 build different load masks
+def test_bad_indices_raise_instead_of_reading_out_of_bounds(k):
     block = (16, 16)
-    p = _pack(_block_sparse_weight(40, 40, block, 10), block, torch.float32)
-    x = torch.randn(5, 40, generator=_gen(11))
+    p = _pack(_block_sparse_weight(40, k, block, 10), block, torch.float32)
+    x = torch.randn(5, k, generator=_gen(11))
     col = p.block_col_idx.clone()
     col[0] = 3  # KB = 3
     with pytest.raises(ValueError, match="block_col_idx"):
