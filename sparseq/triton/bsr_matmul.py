@@ -13,9 +13,9 @@ Two inner products:
     exact in bf16/fp16); mixed float dtypes go to fp32 with input_precision="ieee" (no TF32:
     the reference accumulates exact fp32 products). The interpreter's bf16 tl.dot is wrong, so
     there every operand is fp32.
-  * broadcast multiply + sum over a chunk of the block's columns otherwise (small blocks: 1x8,
-    4x4, 8x8 ...), in fp32 on CUDA cores; the chunk keeps BLOCK_M * bh * chunk <= 8192 values
-    live so the product never spills.
+  * broadcast multiply + sum otherwise (small blocks: 1x8, 4x4, 8x8 ...), in fp32 on CUDA
+    cores, over chunks of the block's columns small enough that BLOCK_M * bh * chunk <= 8192
+    products are live at once (no register spills).
 
 Bad indices never read out of bounds: a block row whose pointers are not 0 <= start <= end <= nnz
 is skipped and a column index outside [0, KB) loads nothing; either sets an error flag that
@@ -65,8 +65,11 @@ def _prune_configs(candidates, named_args, **kwargs):
     return fitting or candidates[:1]
 
 
-def _fma_chunk(args) -> int:
-    # Columns of a block multiplied per step on the CUDA-core path (a power of two, >= 1).
+def _k_chunk(args) -> int:
+    # Columns of a block multiplied per step (a power of two): the whole block for tl.dot; on
+    # the CUDA-core path few enough that the [BLOCK_M, bh, chunk] product stays in registers.
+    if args["USE_DOT"]:
+        return args["BW_P"]
     per_column = args["BLOCK_M"] * args["BH_P"]
     return max(1, min(args["BW_P"], FMA_LIVE_VALUES // per_column))
 
@@ -77,7 +80,7 @@ def _bsr_linear_kernel(
     M, N, K, NB, KB, NNZB, M_BUCKET, stride_xm, stride_om,
     BH: tl.constexpr, BW: tl.constexpr, BH_P: tl.constexpr, BW_P: tl.constexpr,
     PADDED_BLOCK: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, FMA_CHUNK: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, K_CHUNK: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_BIT_RTNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -104,37 +107,25 @@ def _bsr_linear_kernel(
         col_ok = (col >= 0) & (col < KB)
         bad_columns += (~col_ok).to(tl.int32)
         block = values_ptr + e * (BH * BW)
-        # Masks that the compiler sees as constant along k keep the x loads vectorized (and
-        # pipelined with cp.async / TMA-free async copies); a per-element k mask would not.
-        if USE_DOT:
-            offs_w = tl.arange(0, BW_P)
+        # One step on the tensor-core path (K_CHUNK = padded bw), several on the CUDA-core one.
+        for c0 in tl.static_range(0, BW_P, K_CHUNK):
+            offs_w = c0 + tl.arange(0, K_CHUNK)
             k = col * BW + offs_w
+            # A mask the compiler sees as constant along k keeps the x loads vectorized and
+            # pipelined (cp.async); a per-element k mask would make them scalar.
             if EVEN_K:
                 x_mask = mask_m[:, None] & col_ok
             else:
                 x_mask = mask_m[:, None] & ((offs_w < BW) & (k < K) & col_ok)[None, :]
             x_tile = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
-            # The block transposed, [bw, bh]: tl.dot's right operand is [K, N].
-            w_ptrs = block + offs_h[None, :] * BW + offs_w[:, None]
+            w_ptrs = block + offs_h[:, None] * BW + offs_w[None, :]
             if PADDED_BLOCK:
-                w_tile = tl.load(w_ptrs, mask=(offs_w < BW)[:, None] & (offs_h < BH)[None, :], other=0.0)
+                w_tile = tl.load(w_ptrs, mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :], other=0.0)
             else:
                 w_tile = tl.load(w_ptrs)
-            acc = tl.dot(x_tile.to(DOT_DTYPE), w_tile.to(DOT_DTYPE), acc, input_precision="ieee")
-        else:
-            for c0 in tl.static_range(0, BW_P, FMA_CHUNK):
-                offs_w = c0 + tl.arange(0, FMA_CHUNK)
-                k = col * BW + offs_w
-                if EVEN_K:
-                    x_mask = mask_m[:, None] & col_ok
-                else:
-                    x_mask = mask_m[:, None] & ((offs_w < BW) & (k < K) & col_ok)[None, :]
-                x_tile = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
-                w_ptrs = block + offs_h[:, None] * BW + offs_w[None, :]
-                if PADDED_BLOCK:
-                    w_tile = tl.load(w_ptrs, mask=(offs_h < BH)[:, None] & (offs_w < BW)[None, :], other=0.0)
-                else:
-                    w_tile = tl.load(w_ptrs)
+            if USE_DOT:
+                acc = tl.dot(x_tile.to(DOT_DTYPE), tl.trans(w_tile.to(DOT_DTYPE)), acc, input_precision="ieee")
+            else:
                 acc += tl.sum(x_tile.to(tl.float32)[:, None, :] * w_tile.to(tl.float32)[None, :, :], axis=2)
 
     # Masked scalar stores: only programs that met a bad index write, all the same flag.
@@ -156,7 +147,7 @@ def _bsr_linear_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_kernel = triton.heuristics({"FMA_CHUNK": _fma_chunk})(_bsr_linear_kernel)
+_kernel = triton.heuristics({"K_CHUNK": _k_chunk})(_bsr_linear_kernel)
 _tuned = triton.autotune(configs=configs(), key=["M_BUCKET", "N", "K", "BH", "BW", "DOT_DTYPE"],
                          prune_configs_by={"early_config_prune": _prune_configs})(_kernel)
 

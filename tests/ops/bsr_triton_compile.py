@@ -43,7 +43,7 @@ def compile_case(x_dtype, values_dtype, block, block_m, num_warps, num_stages, i
     fn = bm._bsr_linear_kernel
     const = bm.launch_constants(x_dtype, values_dtype, block, in_features, has_bias=True)
     const["BLOCK_M"] = block_m
-    const["FMA_CHUNK"] = bm._fma_chunk(const)
+    const["K_CHUNK"] = bm._k_chunk(const)
     signature = {name: "constexpr" for name in fn.arg_names}
     signature.update({name: "i32" for name in INTS})
     signature.update(x_ptr=f"*{TRITON_TYPES[x_dtype]}", out_ptr=f"*{TRITON_TYPES[x_dtype]}",
