@@ -38,12 +38,15 @@ if INTERPRET:
     TILES = [(32, 4, 1)]
 else:
     # H100/H200 candidates: small BLOCK_M for decode-sized M, deeper pipelines to hide the latency
-    # of the indirect (column-index dependent) x loads.
+    # of the indirect (column-index dependent) x loads. For large M the kernel is bound by reading
+    # x from L2 (each x element feeds only bh outputs per load); BLOCK_M = 256 halves the
+    # re-reads of the values, the other, smaller traffic.
     TILES = [
         (16, 4, 3), (16, 4, 4), (16, 2, 4),
         (32, 4, 3), (32, 4, 4),
         (64, 4, 3), (64, 4, 4), (64, 8, 3),
-        (128, 4, 3), (128, 8, 3), (128, 8, 4),
+        (128, 4, 3), (128, 4, 5), (128, 8, 3), (128, 8, 4),
+        (256, 8, 3), (256, 8, 4),
     ]
 
 

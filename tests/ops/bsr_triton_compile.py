@@ -5,11 +5,16 @@
 Must run without TRITON_INTERPRET (the interpreter replaces the kernel by a Python function).
 Compiles the specializations the JIT would make for a few problems (tensor-core and CUDA-core
 blocks, every value dtype) and checks the code a fast BSR needs: bf16 32x32 blocks on wgmma with
-cp.async-pipelined loads. Exits nonzero with a message on the first failure.
+cp.async-pipelined loads, and no register spills anywhere (read with the cuobjdump triton ships).
+Exits nonzero with a message on the first failure.
 """
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -25,11 +30,11 @@ INTS = ("M", "N", "K", "NB", "KB", "NNZB", "M_BUCKET", "stride_xm", "stride_om")
 DIVISIBLE_BY_16 = POINTERS + ("N", "K", "stride_xm", "stride_om")
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8"}
 
-# x dtype, values dtype, block, BLOCK_M, num_warps, num_stages, must use wgmma + cp.async
-CASES = [
-    (torch.bfloat16, torch.bfloat16, (32, 32), 128, 4, 3, True),
-    (torch.bfloat16, torch.bfloat16, (32, 32), 64, 8, 3, True),
-    (torch.bfloat16, torch.bfloat16, (32, 32), 16, 4, 4, False),
+# x dtype, values dtype, block, BLOCK_M, num_warps, num_stages, must use wgmma + cp.async.
+# The benchmark's headline problem (bf16 32x32 blocks) under every autotuning config (wgmma needs
+# BLOCK_M >= 64), then other dtypes and block shapes under one config each.
+CASES = [(torch.bfloat16, torch.bfloat16, (32, 32), block_m, warps, stages, block_m >= 64)
+         for block_m, warps, stages in bm.TILES] + [
     (torch.float16, torch.int8, (16, 16), 64, 4, 3, True),
     (torch.float32, torch.float32, (32, 32), 64, 4, 3, False),
     (torch.bfloat16, torch.float16, (24, 40), 32, 4, 3, False),
@@ -59,6 +64,19 @@ def compile_case(x_dtype, values_dtype, block, block_m, num_warps, num_stages, i
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def spilled_bytes(cubin: bytes) -> int | None:
+    """Local memory (register spills) plus stack bytes per thread, or None without cuobjdump."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return sum(int(v) for v in re.findall(r"(?:LOCAL|STACK):(\d+)", usage))
+
+
 def main() -> int:
     if bm.INTERPRET:
         print("TRITON_INTERPRET is set: unset it to compile", file=sys.stderr)
@@ -72,9 +90,13 @@ def main() -> int:
             return 1
         ptx = kernel.asm["ptx"]
         uses = {"wgmma": "wgmma.mma_async" in ptx, "cp.async": "cp.async" in ptx}
-        print(f"{name}: shared {kernel.metadata.shared} B, {uses}")
+        spills = spilled_bytes(kernel.asm["cubin"])
+        print(f"{name}: shared {kernel.metadata.shared} B, spilled {spills} B, {uses}")
         if fast_path and not all(uses.values()):
             print(f"FAILED: {name} should use wgmma with cp.async-pipelined loads")
+            return 1
+        if spills:
+            print(f"FAILED: {name} spills registers to local memory")
             return 1
     return 0
 
