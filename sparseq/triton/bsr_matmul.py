@@ -63,9 +63,16 @@ def heuristic_config(m: int) -> triton.Config:
 
 
 def _prune_configs(candidates, named_args, **kwargs):
+    # Tiles far larger than the problem only waste time while tuning; the CUDA-core path has no
+    # async copies to pipeline, so there num_stages would only multiply the compilations.
     m_bucket = named_args["M_BUCKET"]
-    fitting = [c for c in candidates if c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
-    return fitting or candidates[:1]
+    fitting = [c for c in candidates if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or candidates[:1]
+    if kwargs.get("USE_DOT", True):
+        return fitting
+    one_per_shape = {}
+    for c in fitting:
+        one_per_shape.setdefault((c.kwargs["BLOCK_M"], c.num_warps), c)
+    return list(one_per_shape.values())
 
 
 def _k_chunk(args) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the Triton backend is optional")
+triton = pytest.importorskip("triton", reason="the Triton backend is optional")
 
 from sparseq import _ref, ops  # noqa: E402
 from sparseq.formats import BlockSparseWeight  # noqa: E402
@@ -204,6 +204,18 @@ def test_every_tuned_config(config):
         x = torch.randn(m, k, generator=_gen(16)).bfloat16()
         bias = torch.randn(n, generator=_gen(17))
         _assert_matches_reference(_run(p, x, bias, config=config), p, x, bias)
+
+
+def test_autotune_pruning():
+    candidates = [triton.Config({"BLOCK_M": bm_}, num_warps=w, num_stages=s)
+                  for bm_, w, s in ((16, 4, 3), (16, 4, 4), (64, 4, 3), (64, 8, 3), (128, 4, 4))]
+    small_m = bm._prune_configs(candidates, {"M_BUCKET": 16}, USE_DOT=True)
+    assert [c.kwargs["BLOCK_M"] for c in small_m] == [16, 16]
+    big_m = bm._prune_configs(candidates, {"M_BUCKET": 4096}, USE_DOT=True)
+    assert big_m == candidates
+    cuda_cores = bm._prune_configs(candidates, {"M_BUCKET": 4096}, USE_DOT=False)
+    assert [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in cuda_cores] == [
+        (16, 4, 3), (64, 4, 3), (64, 8, 3), (128, 4, 4)]
 
 
 def test_autotuned_path(monkeypatch):
