@@ -10,7 +10,7 @@ F.linear(x, W, bias) with the same weight dense in bf16 (cuBLAS); target speedup
 
 Three timings per case, each the median of repeated runs with CUDA events:
   kernel_ms            ops.bsr_linear(backend="triton") as a user calls it: it reads the kernel's
-                       4-byte index-error flag back, one host sync per call;
+                       8-byte index-error flags back, one host sync per call;
   kernel_unchecked_ms  check_indices=False (indices validated once, at BlockSparseWeight.pack):
                        no sync;
   baseline_ms          F.linear in bf16;

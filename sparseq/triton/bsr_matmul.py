@@ -19,7 +19,7 @@ Two inner products:
 
 Bad indices never read out of bounds: a block row whose pointers are not 0 <= start <= end <= nnz
 is skipped and a column index outside [0, KB) loads nothing; either sets an error flag that
-bsr_linear turns into a ValueError after the kernel (one 4-byte device-to-host read, a sync;
+bsr_linear turns into a ValueError after the kernel (one 8-byte device-to-host read, a sync;
 check_indices=False skips it for weights already validated, e.g. by BlockSparseWeight).
 """
 from __future__ import annotations
