@@ -1,0 +1,289 @@
+// AVX2 micro-kernels of bsr_linear (driver in bsr_linear.cpp). Two families:
+//  - few rows of x (m < kBsrTransposedMinRows): row-major x, one output row (or pair of rows,
+//    or 4 rows) of a block row at a time, a whole block's columns per vector load, m rows of x
+//    sharing every weight load. Shapes: bw % 8 == 0, bw == 4, bw == 1 with bh % 4 == 0.
+//  - many rows (or any other shape): transposed x (xt [K_pad, ldxt]); each weight is broadcast
+//    and multiplies a 16-wide M tile, with up to 4 output rows x 16 M in 8 accumulators.
+//    A chunk of block rows (converted to fp32 once if stored as bf16/fp16/int8) stays in L2
+//    while every M tile passes over it.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "avx2_common.h"
+#include "bsr_kernels.h"
+
+namespace sparseq::cpu {
+namespace {
+
+template <ValueType V>
+SPARSEQ_AVX2 inline __m256 load8_value(const void* base, int64_t i) {
+  if constexpr (V == ValueType::kInt8) {
+    const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+  } else {
+    return avx2::load8_as_float(base, static_cast<OutType>(V), i);
+  }
+}
+
+template <ValueType V>
+SPARSEQ_AVX2 inline __m128 load4_value(const void* base, int64_t i) {
+  if constexpr (V == ValueType::kInt8) {
+    int32_t codes;
+    std::memcpy(&codes, static_cast<const int8_t*>(base) + i, sizeof(codes));
+    return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(codes)));
+  } else if constexpr (V == ValueType::kFloat32) {
+    return _mm_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (V == ValueType::kBFloat16) return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+    return _mm_cvtph_ps(h);
+  }
+}
+
+template <ValueType V>
+SPARSEQ_AVX2 inline float load1_value(const void* base, int64_t i) {
+  if constexpr (V == ValueType::kInt8) {
+    return static_cast<float>(static_cast<const int8_t*>(base)[i]);
+  } else {
+    return avx2::load1_as_float(base, static_cast<OutType>(V), i);
+  }
+}
+
+SPARSEQ_AVX2 inline float hsum128(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+
+SPARSEQ_AVX2 inline float hsum256(__m256 v) {
+  return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+// out[m, n] = acc (* w_scale[n]) + bias[n], converted to the output type.
+SPARSEQ_AVX2 inline void store_output(const BsrProblem& p, int64_t m, int64_t n, float acc) {
+  if (p.w_scale != nullptr) acc *= p.w_scale[n];
+  if (p.bias != nullptr) acc += p.bias[n];
+  avx2::store1_float_as(p.c_out, p.out_type, m * p.ldc + n, acc);
+}
+
+// ------------------------------------------------------------------ few rows, row-major x
+
+// bw % 8 == 0: one output row at a time, 8 block columns per load.
+template <ValueType V, int MR>
+SPARSEQ_AVX2 void block_row_bw8(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0) {
+  const int64_t bh = p.bh, bw = p.bw;
+  for (int64_t i = 0; i < bh && r * bh + i < p.n; ++i) {
+    __m256 acc[MR];
+    for (int j = 0; j < MR; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t blk = b; blk < e; ++blk) {
+      const float* xb = p.x + m0 * p.ldx + static_cast<int64_t>(p.block_col_idx[blk]) * bw;
+      const int64_t vb = (blk * bh + i) * bw;
+      for (int64_t c = 0; c < bw; c += 8) {
+        const __m256 w = load8_value<V>(p.values, vb + c);
+        for (int j = 0; j < MR; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + j * p.ldx + c), acc[j]);
+      }
+    }
+    for (int j = 0; j < MR; ++j) store_output(p, m0 + j, r * bh + i, hsum256(acc[j]));
+  }
+}
+
+// bw == 4: two output rows per register (their 8 values are contiguous), x's 4 columns
+// broadcast to both halves; an odd last row goes through a 128-bit register.
+template <ValueType V, int MR>
+SPARSEQ_AVX2 void block_row_bw4(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0) {
+  const int64_t bh = p.bh;
+  int64_t i = 0;
+  for (; i + 2 <= bh && r * bh + i < p.n; i += 2) {
+    __m256 acc[MR];
+    for (int j = 0; j < MR; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t blk = b; blk < e; ++blk) {
+      const float* xb = p.x + m0 * p.ldx + static_cast<int64_t>(p.block_col_idx[blk]) * 4;
+      const __m256 w = load8_value<V>(p.values, (blk * bh + i) * 4);
+      for (int j = 0; j < MR; ++j)
+        acc[j] = _mm256_fmadd_ps(w, _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xb + j * p.ldx)), acc[j]);
+    }
+    for (int j = 0; j < MR; ++j) {
+      store_output(p, m0 + j, r * bh + i, hsum128(_mm256_castps256_ps128(acc[j])));
+      if (r * bh + i + 1 < p.n) store_output(p, m0 + j, r * bh + i + 1, hsum128(_mm256_extractf128_ps(acc[j], 1)));
+    }
+  }
+  if (i < bh && r * bh + i < p.n) {
+    __m128 acc[MR];
+    for (int j = 0; j < MR; ++j) acc[j] = _mm_setzero_ps();
+    for (int64_t blk = b; blk < e; ++blk) {
+      const float* xb = p.x + m0 * p.ldx + static_cast<int64_t>(p.block_col_idx[blk]) * 4;
+      const __m128 w = load4_value<V>(p.values, (blk * bh + i) * 4);
+      for (int j = 0; j < MR; ++j) acc[j] = _mm_fmadd_ps(w, _mm_loadu_ps(xb + j * p.ldx), acc[j]);
+    }
+    for (int j = 0; j < MR; ++j) store_output(p, m0 + j, r * bh + i, hsum128(acc[j]));
+  }
+}
+
+// bw == 1, bh % 4 == 0: a block is a column; 4 output rows per register times a broadcast x.
+template <ValueType V, int MR>
+SPARSEQ_AVX2 void block_row_bw1(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0) {
+  const int64_t bh = p.bh;
+  for (int64_t i = 0; i < bh && r * bh + i < p.n; i += 4) {
+    __m128 acc[MR];
+    for (int j = 0; j < MR; ++j) acc[j] = _mm_setzero_ps();
+    for (int64_t blk = b; blk < e; ++blk) {
+      const float* xb = p.x + m0 * p.ldx + p.block_col_idx[blk];
+      const __m128 w = load4_value<V>(p.values, blk * bh + i);
+      for (int j = 0; j < MR; ++j) acc[j] = _mm_fmadd_ps(w, _mm_set1_ps(xb[j * p.ldx]), acc[j]);
+    }
+    for (int j = 0; j < MR; ++j) {
+      alignas(16) float rows[4];
+      _mm_store_ps(rows, acc[j]);
+      for (int t = 0; t < 4 && r * bh + i + t < p.n; ++t) store_output(p, m0 + j, r * bh + i + t, rows[t]);
+    }
+  }
+}
+
+template <ValueType V, int MR>
+SPARSEQ_AVX2 void row_major_block_row(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0) {
+  if (p.bw % 8 == 0) {
+    block_row_bw8<V, MR>(p, r, b, e, m0);
+  } else if (p.bw == 4) {
+    block_row_bw4<V, MR>(p, r, b, e, m0);
+  } else {
+    block_row_bw1<V, MR>(p, r, b, e, m0);
+  }
+}
+
+template <ValueType V>
+SPARSEQ_AVX2 bool row_major_rows(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    int64_t b, e;
+    if (!bsr_block_row(p, r, &b, &e)) return false;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.m; m0 += 4) row_major_block_row<V, 4>(p, r, b, e, m0);
+    if (m0 + 2 <= p.m) {
+      row_major_block_row<V, 2>(p, r, b, e, m0);
+      m0 += 2;
+    }
+    if (m0 < p.m) row_major_block_row<V, 1>(p, r, b, e, m0);
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------ many rows, transposed x
+
+constexpr int64_t kMTile = 16;
+// fp32 weights of a chunk of block rows kept in L2 while the M tiles pass over them.
+constexpr int64_t kChunkFloats = int64_t{1} << 15;
+
+// tile[rr][mm] = sum over the block row's blocks and columns c of
+//                w[blk, i0 + rr, c] * xt[col(blk) * bw + c, m0 + mm],  rr < ROWS, mm < 8 * MV.
+template <int ROWS, int MV>
+SPARSEQ_AVX2 void transposed_tile(const BsrProblem& p, const float* w, const int32_t* cols, int64_t blocks,
+                                  int64_t i0, int64_t m0, float* tile) {
+  const int64_t bh = p.bh, bw = p.bw, ld = p.ldxt;
+  __m256 acc[ROWS][MV];
+  for (int rr = 0; rr < ROWS; ++rr)
+    for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const float* xc = p.xt + static_cast<int64_t>(cols[blk]) * bw * ld + m0;
+    const float* wb = w + (blk * bh + i0) * bw;
+    for (int64_t c = 0; c < bw; ++c) {
+      __m256 xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xc + c * ld + 8 * v);
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const __m256 wv = _mm256_broadcast_ss(wb + rr * bw + c);
+        for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_fmadd_ps(wv, xv[v], acc[rr][v]);
+      }
+    }
+  }
+  for (int rr = 0; rr < ROWS; ++rr)
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(tile + rr * kMTile + 8 * v, acc[rr][v]);
+}
+
+template <int MV>
+SPARSEQ_AVX2 int64_t transposed_rows_tile(const BsrProblem& p, const float* w, const int32_t* cols, int64_t blocks,
+                                          int64_t i0, int64_t m0, float* tile) {
+  const int64_t left = p.bh - i0;
+  if (left >= 4) {
+    transposed_tile<4, MV>(p, w, cols, blocks, i0, m0, tile);
+    return 4;
+  }
+  if (left >= 2) {
+    transposed_tile<2, MV>(p, w, cols, blocks, i0, m0, tile);
+    return 2;
+  }
+  transposed_tile<1, MV>(p, w, cols, blocks, i0, m0, tile);
+  return 1;
+}
+
+template <ValueType V>
+SPARSEQ_AVX2 void convert_values(const void* values, int64_t first, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, load8_value<V>(values, first + i));
+  for (; i < count; ++i) dst[i] = load1_value<V>(values, first + i);
+}
+
+template <ValueType V>
+SPARSEQ_AVX2 bool transposed_rows(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    int64_t b, e;
+    if (!bsr_block_row(p, r, &b, &e)) return false;
+  }
+  const int32_t* ptr = p.block_row_ptr;
+  const int64_t block_floats = p.bh * p.bw;
+  std::vector<float> converted;
+  alignas(32) float tile[4 * kMTile];
+  for (int64_t r0 = r_begin; r0 < r_end;) {
+    int64_t r1 = r0 + 1;
+    while (r1 < r_end && (ptr[r1 + 1] - ptr[r0]) * block_floats <= kChunkFloats) ++r1;
+    const int64_t first = ptr[r0];
+    const float* w;
+    if constexpr (V == ValueType::kFloat32) {
+      w = static_cast<const float*>(p.values) + first * block_floats;
+    } else {
+      const int64_t count = (ptr[r1] - first) * block_floats;
+      converted.resize(static_cast<size_t>(count));
+      convert_values<V>(p.values, first * block_floats, count, converted.data());
+      w = converted.data();
+    }
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMTile) {
+      const bool narrow = p.ldxt - m0 < kMTile;  // ldxt is a multiple of 8
+      const int64_t m_count = std::min(kMTile, p.m - m0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = ptr[r], blocks = ptr[r + 1] - b;
+        const float* wr = w + (b - first) * block_floats;
+        for (int64_t i0 = 0; i0 < p.bh && r * p.bh + i0 < p.n;) {
+          const int64_t rows = narrow ? transposed_rows_tile<1>(p, wr, p.block_col_idx + b, blocks, i0, m0, tile)
+                                      : transposed_rows_tile<2>(p, wr, p.block_col_idx + b, blocks, i0, m0, tile);
+          for (int64_t rr = 0; rr < rows && r * p.bh + i0 + rr < p.n; ++rr)
+            for (int64_t mm = 0; mm < m_count; ++mm) store_output(p, m0 + mm, r * p.bh + i0 + rr, tile[rr * kMTile + mm]);
+          i0 += rows;
+        }
+      }
+    }
+    r0 = r1;
+  }
+  return true;
+}
+
+template <ValueType V>
+SPARSEQ_AVX2 bool rows_typed(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  if (p.m < kBsrTransposedMinRows && bsr_avx2_has_row_major_kernel(p.bh, p.bw))
+    return row_major_rows<V>(p, r_begin, r_end);
+  return transposed_rows<V>(p, r_begin, r_end);
+}
+
+}  // namespace
+
+bool bsr_avx2_has_row_major_kernel(int64_t bh, int64_t bw) {
+  return bw % 8 == 0 || bw == 4 || (bw == 1 && bh % 4 == 0);
+}
+
+bool bsr_rows_avx2(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  switch (p.value_type) {
+    case ValueType::kBFloat16: return rows_typed<ValueType::kBFloat16>(p, r_begin, r_end);
+    case ValueType::kFloat16: return rows_typed<ValueType::kFloat16>(p, r_begin, r_end);
+    case ValueType::kInt8: return rows_typed<ValueType::kInt8>(p, r_begin, r_end);
+    default: return rows_typed<ValueType::kFloat32>(p, r_begin, r_end);
+  }
+}
+
+}  // namespace sparseq::cpu
