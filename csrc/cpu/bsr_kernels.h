@@ -25,12 +25,13 @@ struct BsrProblem {
   int64_t n = 0;   // out_features (<= nb * bh)
   int64_t m = 0;
   // Activations as fp32, zero padded so that a whole block of columns can always be read:
-  // row-major x [m, ldx] (ldx >= kb * bw), used by the few-row kernels, and/or transposed
-  // xt [kb * bw, ldxt] (ldxt = m rounded up to 8, padding zeros), used by the many-row kernels.
+  // row-major x [m, ldx] (ldx >= kb * bw), used by the few-row kernels, or transposed in tiles
+  // of kBsrMTile rows, xt [ceil(m / kBsrMTile), kb * bw, kBsrMTile] (padding zeros), used by the
+  // many-row kernels: a tile's activations are contiguous, so they stay in L2 while a chunk of
+  // block rows passes over them.
   const float* x = nullptr;
   int64_t ldx = 0;
   const float* xt = nullptr;
-  int64_t ldxt = 0;
   const float* w_scale = nullptr;  // int8 values only
   const float* bias = nullptr;     // may be nullptr
   void* c_out = nullptr;           // [m, ldc] of out_type
@@ -40,6 +41,7 @@ struct BsrProblem {
 
 // Rows of x below this count take the row-major (few-row) kernels, others the transposed ones.
 constexpr int64_t kBsrTransposedMinRows = 8;
+constexpr int64_t kBsrMTile = 16;
 
 // Whether bsr_rows_avx2 has a row-major kernel for this block shape (else it reads xt).
 bool bsr_avx2_has_row_major_kernel(int64_t bh, int64_t bw);

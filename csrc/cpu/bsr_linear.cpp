@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "bsr_kernels.h"
@@ -74,6 +75,18 @@ bool bsr_rows_portable(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
   }
 }
 
+// Tile t of the transposed activations (layout in BsrProblem::xt), zeros past m and k.
+template <typename T>
+void transpose_tile(const T* x, int64_t m, int64_t k, int64_t k_pad, int64_t t, float* xt) {
+  float* dst = xt + t * k_pad * kBsrMTile;
+  const int64_t m0 = t * kBsrMTile, rows = std::min(kBsrMTile, m - m0);
+  if (rows < kBsrMTile || k < k_pad) std::fill(dst, dst + k_pad * kBsrMTile, 0.0f);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = x + (m0 + i) * k;
+    for (int64_t c = 0; c < k; ++c) dst[c * kBsrMTile + i] = static_cast<float>(row[c]);
+  }
+}
+
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, const at::Tensor& block_col_idx,
                           const at::Tensor& values, const c10::optional<at::Tensor>& w_scale,
                           const c10::optional<at::Tensor>& bias, int64_t out_features) {
@@ -116,10 +129,19 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, 
     p.x = x_act.const_data_ptr<float>();
     p.ldx = k_pad;
   } else {
-    p.ldxt = (m + 7) / 8 * 8;
-    x_act = at::zeros({k_pad, p.ldxt}, x.options().dtype(at::kFloat));
-    x_act.narrow(0, 0, k).narrow(1, 0, m).copy_(x.t());
-    p.xt = x_act.const_data_ptr<float>();
+    const int64_t tiles = (m + kBsrMTile - 1) / kBsrMTile;
+    x_act = at::empty({tiles, k_pad, kBsrMTile}, x.options().dtype(at::kFloat));
+    float* xt = x_act.mutable_data_ptr<float>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        switch (x.scalar_type()) {
+          case at::kBFloat16: transpose_tile(x.const_data_ptr<c10::BFloat16>(), m, k, k_pad, t, xt); break;
+          case at::kHalf: transpose_tile(x.const_data_ptr<c10::Half>(), m, k, k_pad, t, xt); break;
+          default: transpose_tile(x.const_data_ptr<float>(), m, k, k_pad, t, xt);
+        }
+      }
+    });
+    p.xt = xt;
   }
 
   // Chunks of block rows are claimed from a shared counter, so a thread slowed by another process

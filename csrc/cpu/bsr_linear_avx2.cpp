@@ -169,25 +169,28 @@ SPARSEQ_AVX2 bool row_major_rows(const BsrProblem& p, int64_t r_begin, int64_t r
 
 // ------------------------------------------------------------------ many rows, transposed x
 
-constexpr int64_t kMTile = 16;
 // fp32 weights of a chunk of block rows kept in L2 while the M tiles pass over them.
 constexpr int64_t kChunkFloats = int64_t{1} << 15;
+// Output rows of a chunk, whose M tile of results is gathered before it is written out row by
+// row (writing a tile column by column would touch kBsrMTile lines ldc apart, which alias in L1).
+constexpr int64_t kChunkMaxRows = 256;
 
 // tile[rr][mm] = sum over the block row's blocks and columns c of
-//                w[blk, i0 + rr, c] * xt[col(blk) * bw + c, m0 + mm],  rr < ROWS, mm < 8 * MV.
-template <int ROWS, int MV>
-SPARSEQ_AVX2 void transposed_tile(const BsrProblem& p, const float* w, const int32_t* cols, int64_t blocks,
-                                  int64_t i0, int64_t m0, float* tile) {
-  const int64_t bh = p.bh, bw = p.bw, ld = p.ldxt;
+//                w[blk, i0 + rr, c] * xt[col(blk) * bw + c][mm],  rr < ROWS, mm < 8 * MV.
+// BW > 0 fixes the block width at compile time (the column loop unrolls), 0 reads p.bw.
+template <int ROWS, int MV, int BW>
+SPARSEQ_AVX2 void transposed_tile(const BsrProblem& p, const float* xt, const float* w, const int32_t* cols,
+                                  int64_t blocks, int64_t i0, float* tile) {
+  const int64_t bh = p.bh, bw = BW > 0 ? BW : p.bw;
   __m256 acc[ROWS][MV];
   for (int rr = 0; rr < ROWS; ++rr)
     for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_setzero_ps();
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const float* xc = p.xt + static_cast<int64_t>(cols[blk]) * bw * ld + m0;
+    const float* xc = xt + static_cast<int64_t>(cols[blk]) * bw * kBsrMTile;
     const float* wb = w + (blk * bh + i0) * bw;
     for (int64_t c = 0; c < bw; ++c) {
       __m256 xv[MV];
-      for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xc + c * ld + 8 * v);
+      for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xc + c * kBsrMTile + 8 * v);
       for (int rr = 0; rr < ROWS; ++rr) {
         const __m256 wv = _mm256_broadcast_ss(wb + rr * bw + c);
         for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_fmadd_ps(wv, xv[v], acc[rr][v]);
@@ -195,23 +198,53 @@ SPARSEQ_AVX2 void transposed_tile(const BsrProblem& p, const float* w, const int
     }
   }
   for (int rr = 0; rr < ROWS; ++rr)
-    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(tile + rr * kMTile + 8 * v, acc[rr][v]);
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(tile + rr * kBsrMTile + 8 * v, acc[rr][v]);
 }
 
-template <int MV>
-SPARSEQ_AVX2 int64_t transposed_rows_tile(const BsrProblem& p, const float* w, const int32_t* cols, int64_t blocks,
-                                          int64_t i0, int64_t m0, float* tile) {
+// Runs the widest row group that fits (4, 2 or 1 rows from i0) and returns its row count.
+template <int MV, int BW>
+SPARSEQ_AVX2 int64_t transposed_row_group(const BsrProblem& p, const float* xt, const float* w, const int32_t* cols,
+                                          int64_t blocks, int64_t i0, float* tile) {
   const int64_t left = p.bh - i0;
   if (left >= 4) {
-    transposed_tile<4, MV>(p, w, cols, blocks, i0, m0, tile);
+    transposed_tile<4, MV, BW>(p, xt, w, cols, blocks, i0, tile);
     return 4;
   }
   if (left >= 2) {
-    transposed_tile<2, MV>(p, w, cols, blocks, i0, m0, tile);
+    transposed_tile<2, MV, BW>(p, xt, w, cols, blocks, i0, tile);
     return 2;
   }
-  transposed_tile<1, MV>(p, w, cols, blocks, i0, m0, tile);
+  transposed_tile<1, MV, BW>(p, xt, w, cols, blocks, i0, tile);
   return 1;
+}
+
+template <int MV>
+SPARSEQ_AVX2 int64_t transposed_row_group_any_bw(const BsrProblem& p, const float* xt, const float* w,
+                                                 const int32_t* cols, int64_t blocks, int64_t i0, float* tile) {
+  switch (p.bw) {
+    case 1: return transposed_row_group<MV, 1>(p, xt, w, cols, blocks, i0, tile);
+    case 2: return transposed_row_group<MV, 2>(p, xt, w, cols, blocks, i0, tile);
+    case 4: return transposed_row_group<MV, 4>(p, xt, w, cols, blocks, i0, tile);
+    case 8: return transposed_row_group<MV, 8>(p, xt, w, cols, blocks, i0, tile);
+    default: return transposed_row_group<MV, 0>(p, xt, w, cols, blocks, i0, tile);
+  }
+}
+
+// out[m0 + mm, n0 + j] = acc[j * kBsrMTile + mm] (* w_scale) (+ bias) for mm < m_count, j < count.
+SPARSEQ_AVX2 void store_chunk_tile(const BsrProblem& p, int64_t n0, int64_t count, int64_t m0, int64_t m_count,
+                                   const float* acc) {
+  for (int64_t mm = 0; mm < m_count; ++mm) {
+    for (int64_t j = 0; j < count; j += 8) {
+      const int lanes = static_cast<int>(std::min<int64_t>(8, count - j));
+      alignas(32) float column[8] = {};
+      for (int t = 0; t < lanes; ++t) column[t] = acc[(j + t) * kBsrMTile + mm];
+      __m256 result = _mm256_load_ps(column);
+      // Same steps as the scalar epilogue: scale only for int8 codes, then the bias.
+      if (p.w_scale != nullptr) result = _mm256_mul_ps(result, avx2::load8_floats_masked(p.w_scale + n0 + j, lanes));
+      if (p.bias != nullptr) result = _mm256_add_ps(result, avx2::load8_floats_masked(p.bias + n0 + j, lanes));
+      avx2::store8_float_as(p.c_out, p.out_type, (m0 + mm) * p.ldc + n0 + j, result, lanes);
+    }
+  }
 }
 
 template <ValueType V>
@@ -228,12 +261,14 @@ SPARSEQ_AVX2 bool transposed_rows(const BsrProblem& p, int64_t r_begin, int64_t 
     if (!bsr_block_row(p, r, &b, &e)) return false;
   }
   const int32_t* ptr = p.block_row_ptr;
-  const int64_t block_floats = p.bh * p.bw;
+  const int64_t block_floats = p.bh * p.bw, tile_floats = p.kb * p.bw * kBsrMTile;
   std::vector<float> converted;
-  alignas(32) float tile[4 * kMTile];
+  std::vector<float> results(static_cast<size_t>(std::max(kChunkMaxRows, p.bh) * kBsrMTile));
   for (int64_t r0 = r_begin; r0 < r_end;) {
     int64_t r1 = r0 + 1;
-    while (r1 < r_end && (ptr[r1 + 1] - ptr[r0]) * block_floats <= kChunkFloats) ++r1;
+    while (r1 < r_end && (r1 + 1 - r0) * p.bh <= kChunkMaxRows &&
+           (ptr[r1 + 1] - ptr[r0]) * block_floats <= kChunkFloats)
+      ++r1;
     const int64_t first = ptr[r0];
     const float* w;
     if constexpr (V == ValueType::kFloat32) {
@@ -244,20 +279,20 @@ SPARSEQ_AVX2 bool transposed_rows(const BsrProblem& p, int64_t r_begin, int64_t 
       convert_values<V>(p.values, first * block_floats, count, converted.data());
       w = converted.data();
     }
-    for (int64_t m0 = 0; m0 < p.m; m0 += kMTile) {
-      const bool narrow = p.ldxt - m0 < kMTile;  // ldxt is a multiple of 8
-      const int64_t m_count = std::min(kMTile, p.m - m0);
+    for (int64_t m0 = 0; m0 < p.m; m0 += kBsrMTile) {
+      const float* xt = p.xt + (m0 / kBsrMTile) * tile_floats;
+      const int64_t m_count = std::min(kBsrMTile, p.m - m0);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = ptr[r], blocks = ptr[r + 1] - b;
         const float* wr = w + (b - first) * block_floats;
         for (int64_t i0 = 0; i0 < p.bh && r * p.bh + i0 < p.n;) {
-          const int64_t rows = narrow ? transposed_rows_tile<1>(p, wr, p.block_col_idx + b, blocks, i0, m0, tile)
-                                      : transposed_rows_tile<2>(p, wr, p.block_col_idx + b, blocks, i0, m0, tile);
-          for (int64_t rr = 0; rr < rows && r * p.bh + i0 + rr < p.n; ++rr)
-            for (int64_t mm = 0; mm < m_count; ++mm) store_output(p, m0 + mm, r * p.bh + i0 + rr, tile[rr * kMTile + mm]);
-          i0 += rows;
+          float* tile = results.data() + ((r - r0) * p.bh + i0) * kBsrMTile;
+          i0 += m_count <= 8 ? transposed_row_group_any_bw<1>(p, xt, wr, p.block_col_idx + b, blocks, i0, tile)
+                             : transposed_row_group_any_bw<2>(p, xt, wr, p.block_col_idx + b, blocks, i0, tile);
         }
       }
+      const int64_t n0 = r0 * p.bh;
+      store_chunk_tile(p, n0, std::min(p.n, r1 * p.bh) - n0, m0, m_count, results.data());
     }
     r0 = r1;
   }
