@@ -218,6 +218,36 @@ SPARSEQ_AVX2 int64_t transposed_row_group(const BsrProblem& p, const float* xt, 
   return 1;
 }
 
+// Blocks taller than 4 rows (bh % 4 == 0): block by block, each group of 4 rows reuses the
+// block's activations while they are in L1 (a row group at a time over the whole block row
+// would stream them from L2 bh / 4 times); group accumulators wait in `tile` [bh][kBsrMTile].
+template <int MV, int BW>
+SPARSEQ_AVX2 void transposed_tall_blocks(const BsrProblem& p, const float* xt, const float* w, const int32_t* cols,
+                                         int64_t blocks, float* tile) {
+  const int64_t bh = p.bh, bw = BW > 0 ? BW : p.bw;
+  std::fill(tile, tile + bh * kBsrMTile, 0.0f);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const float* xc = xt + static_cast<int64_t>(cols[blk]) * bw * kBsrMTile;
+    for (int64_t i0 = 0; i0 < bh; i0 += 4) {
+      const float* wb = w + (blk * bh + i0) * bw;
+      float* group = tile + i0 * kBsrMTile;
+      __m256 acc[4][MV];
+      for (int rr = 0; rr < 4; ++rr)
+        for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_loadu_ps(group + rr * kBsrMTile + 8 * v);
+      for (int64_t c = 0; c < bw; ++c) {
+        __m256 xv[MV];
+        for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xc + c * kBsrMTile + 8 * v);
+        for (int rr = 0; rr < 4; ++rr) {
+          const __m256 wv = _mm256_broadcast_ss(wb + rr * bw + c);
+          for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_fmadd_ps(wv, xv[v], acc[rr][v]);
+        }
+      }
+      for (int rr = 0; rr < 4; ++rr)
+        for (int v = 0; v < MV; ++v) _mm256_storeu_ps(group + rr * kBsrMTile + 8 * v, acc[rr][v]);
+    }
+  }
+}
+
 template <int MV>
 SPARSEQ_AVX2 int64_t transposed_row_group_any_bw(const BsrProblem& p, const float* xt, const float* w,
                                                  const int32_t* cols, int64_t blocks, int64_t i0, float* tile) {
@@ -264,6 +294,7 @@ SPARSEQ_AVX2 bool transposed_rows(const BsrProblem& p, int64_t r_begin, int64_t 
   const int64_t block_floats = p.bh * p.bw, tile_floats = p.kb * p.bw * kBsrMTile;
   std::vector<float> converted;
   std::vector<float> results(static_cast<size_t>(std::max(kChunkMaxRows, p.bh) * kBsrMTile));
+  const bool tall_blocks = p.bh > 4 && p.bh % 4 == 0 && p.bw >= 8;
   for (int64_t r0 = r_begin; r0 < r_end;) {
     int64_t r1 = r0 + 1;
     while (r1 < r_end && (r1 + 1 - r0) * p.bh <= kChunkMaxRows &&
@@ -285,6 +316,17 @@ SPARSEQ_AVX2 bool transposed_rows(const BsrProblem& p, int64_t r_begin, int64_t 
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = ptr[r], blocks = ptr[r + 1] - b;
         const float* wr = w + (b - first) * block_floats;
+        if (tall_blocks) {
+          float* tile = results.data() + (r - r0) * p.bh * kBsrMTile;
+          if (m_count <= 8) {
+            p.bw == 8 ? transposed_tall_blocks<1, 8>(p, xt, wr, p.block_col_idx + b, blocks, tile)
+                      : transposed_tall_blocks<1, 0>(p, xt, wr, p.block_col_idx + b, blocks, tile);
+          } else {
+            p.bw == 8 ? transposed_tall_blocks<2, 8>(p, xt, wr, p.block_col_idx + b, blocks, tile)
+                      : transposed_tall_blocks<2, 0>(p, xt, wr, p.block_col_idx + b, blocks, tile);
+          }
+          continue;
+        }
         for (int64_t i0 = 0; i0 < p.bh && r * p.bh + i0 < p.n;) {
           float* tile = results.data() + ((r - r0) * p.bh + i0) * kBsrMTile;
           i0 += m_count <= 8 ? transposed_row_group_any_bw<1>(p, xt, wr, p.block_col_idx + b, blocks, i0, tile)
