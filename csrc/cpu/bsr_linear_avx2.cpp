@@ -174,31 +174,49 @@ constexpr int64_t kChunkFloats = int64_t{1} << 15;
 // Output rows of a chunk, whose M tile of results is gathered before it is written out row by
 // row (writing a tile column by column would touch kBsrMTile lines ldc apart, which alias in L1).
 constexpr int64_t kChunkMaxRows = 256;
+constexpr int64_t kPrefetchBlocks = 8;
 
 // tile[rr][mm] = sum over the block row's blocks and columns c of
 //                w[blk, i0 + rr, c] * xt[col(blk) * bw + c][mm],  rr < ROWS, mm < 8 * MV.
 // BW > 0 fixes the block width at compile time (the column loop unrolls), 0 reads p.bw.
+// Fewer than 4 rows keep 4 / ROWS sets of partial sums over alternating columns, so that
+// enough independent FMA chains are in flight to cover the FMA latency.
 template <int ROWS, int MV, int BW>
 SPARSEQ_AVX2 void transposed_tile(const BsrProblem& p, const float* xt, const float* w, const int32_t* cols,
                                   int64_t blocks, int64_t i0, float* tile) {
+  constexpr int kSets = 4 / ROWS;
   const int64_t bh = p.bh, bw = BW > 0 ? BW : p.bw;
-  __m256 acc[ROWS][MV];
-  for (int rr = 0; rr < ROWS; ++rr)
-    for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_setzero_ps();
+  __m256 acc[kSets][ROWS][MV];
+  for (int s = 0; s < kSets; ++s)
+    for (int rr = 0; rr < ROWS; ++rr)
+      for (int v = 0; v < MV; ++v) acc[s][rr][v] = _mm256_setzero_ps();
+  auto column = [&](int s, const float* xc, const float* wb, int64_t c) SPARSEQ_AVX2 {
+    __m256 xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xc + c * kBsrMTile + 8 * v);
+    for (int rr = 0; rr < ROWS; ++rr) {
+      const __m256 wv = _mm256_broadcast_ss(wb + rr * bw + c);
+      for (int v = 0; v < MV; ++v) acc[s][rr][v] = _mm256_fmadd_ps(wv, xv[v], acc[s][rr][v]);
+    }
+  };
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const float* xc = xt + static_cast<int64_t>(cols[blk]) * bw * kBsrMTile;
     const float* wb = w + (blk * bh + i0) * bw;
-    for (int64_t c = 0; c < bw; ++c) {
-      __m256 xv[MV];
-      for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xc + c * kBsrMTile + 8 * v);
-      for (int rr = 0; rr < ROWS; ++rr) {
-        const __m256 wv = _mm256_broadcast_ss(wb + rr * bw + c);
-        for (int v = 0; v < MV; ++v) acc[rr][v] = _mm256_fmadd_ps(wv, xv[v], acc[rr][v]);
-      }
+    if (BW > 0 && BW <= 8 && blk + kPrefetchBlocks < blocks) {
+      // Narrow blocks' activations are a few scattered lines each: fetch them ahead.
+      const float* ahead = xt + static_cast<int64_t>(cols[blk + kPrefetchBlocks]) * bw * kBsrMTile;
+      for (int64_t c = 0; c < bw; ++c) _mm_prefetch(reinterpret_cast<const char*>(ahead + c * kBsrMTile), _MM_HINT_T0);
     }
+    int64_t c = 0;
+    for (; c + kSets <= bw; c += kSets)
+      for (int s = 0; s < kSets; ++s) column(s, xc, wb, c + s);
+    // Narrow blocks (bw < kSets) rotate the sets over blocks instead of columns.
+    for (; c < bw; ++c) column(static_cast<int>((blk + c) % kSets), xc, wb, c);
   }
+  for (int s = 1; s < kSets; ++s)
+    for (int rr = 0; rr < ROWS; ++rr)
+      for (int v = 0; v < MV; ++v) acc[0][rr][v] = _mm256_add_ps(acc[0][rr][v], acc[s][rr][v]);
   for (int rr = 0; rr < ROWS; ++rr)
-    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(tile + rr * kBsrMTile + 8 * v, acc[rr][v]);
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(tile + rr * kBsrMTile + 8 * v, acc[0][rr][v]);
 }
 
 // Runs the widest row group that fits (4, 2 or 1 rows from i0) and returns its row count.
