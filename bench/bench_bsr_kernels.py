@@ -7,11 +7,18 @@ For each M, the baselines are timed interleaved with every kernel variant (alter
 median of `runs`): torch fp32 F.linear on the dense weight, sparseq's dense int8 path
 (sparseq.ops.int8_linear) and torch's BSR tensor (w.to_sparse_bsr(block) @ x.T) where torch
 supports it on CPU. Weights are K = N = 4096 with whole blocks zeroed at random (the pattern a
-block pruner leaves), hot in cache (one weight, repeated). Speedups are versus fp32 F.linear.
+block pruner leaves); the weights of all variants stay in one process, so each call finds its
+weight wherever the calls in between left it (mostly evicted by the 64 MiB dense weight).
+Speedups are versus fp32 F.linear.
+
+--clock cpu times CPU time (time.process_time) instead of wall time, with --threads 1: on a
+machine shared with other busy processes, a 2-thread parallel region waits milliseconds for
+its second thread to be scheduled, which swamps sub-millisecond kernels; CPU time does not.
 """
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -50,7 +57,8 @@ def bsr_call(bsr: BlockSparseWeight, x: torch.Tensor):
                                   out_features=N)
 
 
-def bench_bsr(ms, blocks, sparsities, values, runs: int) -> list[dict]:
+def bench_bsr(ms, blocks, sparsities, values, runs: int, clock=time.perf_counter,
+              torch_bsr: bool = True) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     dense = torch.randn(N, K, generator=gen)
     packed = PackedInt8Weight.pack(dense)
@@ -67,10 +75,10 @@ def bench_bsr(ms, blocks, sparsities, values, runs: int) -> list[dict]:
                 for name in values:
                     bsr = BlockSparseWeight.pack(w, block, dtype=VALUE_DTYPES[name], int8=name == "int8")
                     fns[f"sparseq bsr {label} {name}"] = bsr_call(bsr, x)
-                w_bsr = torch_bsr_or_none(w, block)
+                w_bsr = torch_bsr_or_none(w, block) if torch_bsr else None
                 if w_bsr is not None:
                     fns[f"torch BSR {label} fp32"] = (lambda wb: lambda: wb @ x.T)(w_bsr)
-        times = time_interleaved(fns, runs=runs, warmup=2)
+        times = time_interleaved(fns, runs=runs, warmup=2, clock=clock)
         base = times["fp32 F.linear (dense)"]
         for impl, t in times.items():
             rows.append({"m": m, "impl": impl, "ms": round(t, 4), "vs_fp32_dense": round(base / t, 2)})
@@ -85,15 +93,20 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", default=["1x8", "4x4", "16x16", "32x32"])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     parser.add_argument("--values", nargs="+", default=["fp32", "int8"], choices=sorted(VALUE_DTYPES))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR baseline (slow)")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (CPU time sums over threads)")
     if not sparseq.HAS_EXT:
         raise SystemExit(f"sparseq's compiled extension is not available: {sparseq.EXT_ERROR}")
     torch.set_num_threads(args.threads)
     blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks]
-    print(f"torch {torch.__version__}, {args.threads} threads, K=N={K}, runs={args.runs}")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, {args.threads} threads, K=N={K}, runs={args.runs}, {args.clock} clock")
     print(f"{'M':>4} {'impl':<40} {'ms':>9} {'vs fp32 dense':>14}")
     with torch.no_grad():
-        for row in bench_bsr(args.m, blocks, args.sparsity, args.values, args.runs):
+        for row in bench_bsr(args.m, blocks, args.sparsity, args.values, args.runs, clock, not args.no_torch_bsr):
             print(f"{row['m']:>4} {row['impl']:<40} {row['ms']:>9.3f} {row['vs_fp32_dense']:>13.2f}x")
 
 

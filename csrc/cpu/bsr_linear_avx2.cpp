@@ -69,23 +69,59 @@ SPARSEQ_AVX2 inline void store_output(const BsrProblem& p, int64_t m, int64_t n,
 
 // ------------------------------------------------------------------ few rows, row-major x
 
-// bw % 8 == 0: one output row at a time, 8 block columns per load.
+// Few-row kernels stream the values once, at DRAM speed if they are cold: keep requests for
+// the values kValuePrefetchBytes ahead in flight (a block row's blocks are contiguous).
+constexpr int64_t kValuePrefetchBytes = 1024;
+
+template <ValueType V>
+SPARSEQ_AVX2 inline void prefetch_values_ahead(const void* values, int64_t i) {
+  constexpr int64_t kSize = V == ValueType::kFloat32 ? 4 : V == ValueType::kInt8 ? 1 : 2;
+  _mm_prefetch(static_cast<const char*>(values) + i * kSize + kValuePrefetchBytes, _MM_HINT_T0);
+}
+
+// bw % 8 == 0: the block row's values are read once, in storage order, block by block; each
+// output row's 8-lane partial sums wait in `sums` [bh][MR][8] (L1) between blocks, so the
+// chains of different rows overlap. One-row blocks keep two register chains instead.
 template <ValueType V, int MR>
-SPARSEQ_AVX2 void block_row_bw8(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0) {
+SPARSEQ_AVX2 void block_row_bw8(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0, float* sums) {
   const int64_t bh = p.bh, bw = p.bw;
-  for (int64_t i = 0; i < bh && r * bh + i < p.n; ++i) {
-    __m256 acc[MR];
-    for (int j = 0; j < MR; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t blk = b; blk < e; ++blk) {
+  if (bh == 1) {
+    __m256 even[MR], odd[MR];
+    for (int j = 0; j < MR; ++j) even[j] = odd[j] = _mm256_setzero_ps();
+    auto add_block = [&](__m256* acc, int64_t blk) SPARSEQ_AVX2 {
+      prefetch_values_ahead<V>(p.values, blk * bw);
       const float* xb = p.x + m0 * p.ldx + static_cast<int64_t>(p.block_col_idx[blk]) * bw;
+      for (int64_t c = 0; c < bw; c += 8) {
+        const __m256 w = load8_value<V>(p.values, blk * bw + c);
+        for (int j = 0; j < MR; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + j * p.ldx + c), acc[j]);
+      }
+    };
+    int64_t blk = b;
+    for (; blk + 2 <= e; blk += 2) {
+      add_block(even, blk);
+      add_block(odd, blk + 1);
+    }
+    if (blk < e) add_block(even, blk);
+    for (int j = 0; j < MR; ++j) store_output(p, m0 + j, r, hsum256(_mm256_add_ps(even[j], odd[j])));
+    return;
+  }
+  std::fill(sums, sums + bh * MR * 8, 0.0f);
+  for (int64_t blk = b; blk < e; ++blk) {
+    const float* xb = p.x + m0 * p.ldx + static_cast<int64_t>(p.block_col_idx[blk]) * bw;
+    for (int64_t i = 0; i < bh; ++i) {
+      float* row_sums = sums + i * MR * 8;
+      __m256 acc[MR];
+      for (int j = 0; j < MR; ++j) acc[j] = _mm256_loadu_ps(row_sums + 8 * j);
       const int64_t vb = (blk * bh + i) * bw;
       for (int64_t c = 0; c < bw; c += 8) {
         const __m256 w = load8_value<V>(p.values, vb + c);
         for (int j = 0; j < MR; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + j * p.ldx + c), acc[j]);
       }
+      for (int j = 0; j < MR; ++j) _mm256_storeu_ps(row_sums + 8 * j, acc[j]);
     }
-    for (int j = 0; j < MR; ++j) store_output(p, m0 + j, r * bh + i, hsum256(acc[j]));
   }
+  for (int64_t i = 0; i < bh && r * bh + i < p.n; ++i)
+    for (int j = 0; j < MR; ++j) store_output(p, m0 + j, r * bh + i, hsum256(_mm256_loadu_ps(sums + (i * MR + j) * 8)));
 }
 
 // bw == 4: two output rows per register (their 8 values are contiguous), x's 4 columns
@@ -98,6 +134,7 @@ SPARSEQ_AVX2 void block_row_bw4(const BsrProblem& p, int64_t r, int64_t b, int64
     __m256 acc[MR];
     for (int j = 0; j < MR; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t blk = b; blk < e; ++blk) {
+      prefetch_values_ahead<V>(p.values, (blk * bh + i) * 4);
       const float* xb = p.x + m0 * p.ldx + static_cast<int64_t>(p.block_col_idx[blk]) * 4;
       const __m256 w = load8_value<V>(p.values, (blk * bh + i) * 4);
       for (int j = 0; j < MR; ++j)
@@ -141,9 +178,10 @@ SPARSEQ_AVX2 void block_row_bw1(const BsrProblem& p, int64_t r, int64_t b, int64
 }
 
 template <ValueType V, int MR>
-SPARSEQ_AVX2 void row_major_block_row(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0) {
+SPARSEQ_AVX2 void row_major_block_row(const BsrProblem& p, int64_t r, int64_t b, int64_t e, int64_t m0,
+                                      float* sums) {
   if (p.bw % 8 == 0) {
-    block_row_bw8<V, MR>(p, r, b, e, m0);
+    block_row_bw8<V, MR>(p, r, b, e, m0, sums);
   } else if (p.bw == 4) {
     block_row_bw4<V, MR>(p, r, b, e, m0);
   } else {
@@ -153,16 +191,17 @@ SPARSEQ_AVX2 void row_major_block_row(const BsrProblem& p, int64_t r, int64_t b,
 
 template <ValueType V>
 SPARSEQ_AVX2 bool row_major_rows(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  std::vector<float> sums(static_cast<size_t>(p.bh * 4 * 8));
   for (int64_t r = r_begin; r < r_end; ++r) {
     int64_t b, e;
     if (!bsr_block_row(p, r, &b, &e)) return false;
     int64_t m0 = 0;
-    for (; m0 + 4 <= p.m; m0 += 4) row_major_block_row<V, 4>(p, r, b, e, m0);
+    for (; m0 + 4 <= p.m; m0 += 4) row_major_block_row<V, 4>(p, r, b, e, m0, sums.data());
     if (m0 + 2 <= p.m) {
-      row_major_block_row<V, 2>(p, r, b, e, m0);
+      row_major_block_row<V, 2>(p, r, b, e, m0, sums.data());
       m0 += 2;
     }
-    if (m0 < p.m) row_major_block_row<V, 1>(p, r, b, e, m0);
+    if (m0 < p.m) row_major_block_row<V, 1>(p, r, b, e, m0, sums.data());
   }
   return true;
 }
