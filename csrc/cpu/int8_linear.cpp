@@ -93,8 +93,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
                   w_rowsum.is_contiguous() && w_rowsum.device() == x.device(),
               "sparseq: w_rowsum must be a contiguous int32 vector of N=", n, " elements on x's device, got ",
               w_rowsum.scalar_type(), " ", w_rowsum.sizes());
-  TORCH_CHECK(act_qmax == 63 || act_qmax == 127,
-              "sparseq: act_qmax must be 127 (8-bit activations) or 63 (7-bit), got ", act_qmax);
+  check_act_qmax(act_qmax);
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;

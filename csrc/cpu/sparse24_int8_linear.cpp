@@ -52,8 +52,7 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
   TORCH_CHECK(values.scalar_type() == at::kChar, "sparseq: sparse24_int8_linear needs int8 values, got ",
               values.scalar_type());
   const int64_t n = check_sparse24_weight(x, values, meta, w_scale, bias);
-  TORCH_CHECK(act_qmax == 63 || act_qmax == 127,
-              "sparseq: act_qmax must be 127 (8-bit activations) or 63 (7-bit), got ", act_qmax);
+  check_act_qmax(act_qmax);
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
