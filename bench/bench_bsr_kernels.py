@@ -13,7 +13,8 @@ Speedups are versus fp32 F.linear.
 
 --clock cpu times CPU time (time.process_time) instead of wall time, with --threads 1: on a
 machine shared with other busy processes, a 2-thread parallel region waits milliseconds for
-its second thread to be scheduled, which swamps sub-millisecond kernels; CPU time does not.
+its second thread to be scheduled (seen as a floor of ~8 ms under every fast kernel on the
+shared 2-core development machine), which swamps sub-millisecond kernels; CPU time does not.
 """
 from __future__ import annotations
 
