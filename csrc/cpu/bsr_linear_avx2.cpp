@@ -1,11 +1,13 @@
 // AVX2 micro-kernels of bsr_linear (driver in bsr_linear.cpp). Two families:
-//  - few rows of x (m < kBsrTransposedMinRows): row-major x, one output row (or pair of rows,
-//    or 4 rows) of a block row at a time, a whole block's columns per vector load, m rows of x
-//    sharing every weight load. Shapes: bw % 8 == 0, bw == 4, bw == 1 with bh % 4 == 0.
-//  - many rows (or any other shape): transposed x (xt [K_pad, ldxt]); each weight is broadcast
-//    and multiplies a 16-wide M tile, with up to 4 output rows x 16 M in 8 accumulators.
-//    A chunk of block rows (converted to fp32 once if stored as bf16/fp16/int8) stays in L2
-//    while every M tile passes over it.
+//  - few rows of x (m < kBsrTransposedMinRows): row-major x; up to 4 rows of x share every
+//    weight load, and the values stream once in storage order (prefetched ahead).
+//    Shapes: bw % 8 == 0 (8 columns per load), bw == 4 (two output rows per register),
+//    bw == 1 with bh % 4 == 0 (4 output rows per register).
+//  - many rows (or any other shape): x transposed into 16-row tiles (BsrProblem::xt); each
+//    weight is broadcast and multiplies a 16-wide M tile, up to 4 output rows x 16 M in 8
+//    accumulators (taller blocks: group by group within each block). A chunk of block rows
+//    (converted to fp32 once if stored as bf16/fp16/int8) stays in L2 while every M tile
+//    passes over it.
 #include <algorithm>
 #include <cstring>
 #include <vector>
