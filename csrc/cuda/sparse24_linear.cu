@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "device_error_flag.h"
 #include "sparse24_operands.h"
 #include "sparse_common.cuh"
@@ -120,9 +122,7 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
       }
     }
   });
-  flag.raise_if_set(stream, "sparseq: 2:4 meta holds a group whose two positions are not strictly increasing "
-                    "(idx_0 >= idx_1), which the tensor cores cannot represent; build meta with "
-                    "sparseq.formats.Sparse24Weight.pack (validate() names the group)");
+  TORCH_CHECK(flag.read(stream) == 0, sp24::kInvalidMetaMessage);
   return out;
 }
 

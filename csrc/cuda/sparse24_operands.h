@@ -12,6 +12,11 @@ namespace sparseq {
 namespace cuda {
 namespace sp24 {
 
+constexpr const char* kInvalidMetaMessage =
+    "sparseq: 2:4 meta holds a group whose two positions are not strictly increasing (idx_0 >= idx_1), "
+    "which the tensor cores cannot represent; build meta with sparseq.formats.Sparse24Weight.pack "
+    "(validate() names the group)";
+
 inline int64_t padded_k(int64_t k, int elem_bytes) {
   const int64_t step = dense_k_per_stage(elem_bytes);
   return (k + step - 1) / step * step;

@@ -132,12 +132,15 @@ class TestSparse24Cuda:
 
     def test_misaligned_views(self):
         sw = Sparse24Weight.pack(_sparse24_dense(24, 128, seed=6), dtype=torch.float16)
-        x = torch.randn(7, 129, dtype=torch.float16)[:, 1:]  # odd storage offset
-        x = x.contiguous()[1:] if False else torch.randn(8, 128, dtype=torch.float16)
-        buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
-        xm = buf[1:].view(x.shape)
-        xm.copy_(x)
-        out = torch.ops.sparseq.sparse24_linear(xm, sw.values.cuda(), sw.meta.cuda(), None, None)
+        x = torch.randn(8, 128, dtype=torch.float16)
+
+        def misaligned(t):  # a contiguous copy one element past an aligned address
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+            view = buf[1:].view(t.shape)
+            view.copy_(t)
+            return view
+
+        out = torch.ops.sparseq.sparse24_linear(misaligned(x), misaligned(sw.values), misaligned(sw.meta), None, None)
         assert _rel_err(out.cpu(), _ref.sparse24_linear(x, sw.values, sw.meta)) <= 2e-3
 
     def test_int8_w8a8_is_exact_before_the_epilogue(self):
