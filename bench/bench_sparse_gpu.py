@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_int8_gpu import rel_err, run_case  # noqa: E402
+from bench_int8_gpu import device_report, rel_err, run_case  # noqa: E402
 
 
 def two_four_weight(n: int, k: int, gen: torch.Generator, dev) -> torch.Tensor:
@@ -44,22 +43,15 @@ def main() -> int:
     args = parser.parse_args()
     warmup, iters = (3, 10) if args.quick else (10, 30)
 
-    import sparseq
     from sparseq.formats import Sparse24Weight, SparseCSRWeight
 
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    cuda_ok = sparseq.HAS_EXT and bool(getattr(sparseq._C, "with_cuda", False))
-    report = {
-        "device": props.name, "sm_count": props.multi_processor_count,
-        "capability": list(torch.cuda.get_device_capability(dev)),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "sparseq_cuda_kernels": cuda_ok, "warmup": warmup, "iters": iters,
-        "content_checks": os.environ.get("SPARSEQ_CUDA_CONTENT_CHECKS", "1") != "0", "results": [],
-    }
+    report = device_report(warmup, iters)
+    report["content_checks"] = os.environ.get("SPARSEQ_CUDA_CONTENT_CHECKS", "1") != "0"
+    cuda_ok = report["sparseq_cuda_kernels"]
     results = report["results"]
     if not cuda_ok:
         print("sparseq was built without CUDA kernels", file=sys.stderr)

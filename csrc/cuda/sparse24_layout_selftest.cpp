@@ -22,22 +22,10 @@
 #include <set>
 #include <vector>
 
+#include "selftest_expect.h"
 #include "sparse24_mma_layout.h"
 
 using namespace sparseq::cuda::sp24;
-
-static int failures = 0;
-#define EXPECT(cond, ...)                \
-  do {                                   \
-    if (!(cond)) {                       \
-      if (failures < 20) {               \
-        std::printf("FAIL %s: ", #cond); \
-        std::printf(__VA_ARGS__);        \
-        std::printf("\n");               \
-      }                                  \
-      ++failures;                        \
-    }                                    \
-  } while (0)
 
 static float bf16_to_float(uint16_t bits) {
   const uint32_t w = static_cast<uint32_t>(bits) << 16;

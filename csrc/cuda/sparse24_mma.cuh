@@ -50,19 +50,17 @@ struct MmaSp16 {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
                                              uint32_t e) {
 #ifdef SPARSEQ_MMA_ENABLED
+#define SPARSEQ_MMA_SP_16BIT(TYPE)                                                                          \
+  asm volatile(SPARSEQ_MMA_SP "m16n8k32.row.col.f32." TYPE "." TYPE ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, " \
+               "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"                                           \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e))
     if constexpr (kBF16) {
-      asm volatile(SPARSEQ_MMA_SP "m16n8k32.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                   "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
-                     "r"(e));
+      SPARSEQ_MMA_SP_16BIT("bf16");
     } else {
-      asm volatile(SPARSEQ_MMA_SP "m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                   "{%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
-                     "r"(e));
+      SPARSEQ_MMA_SP_16BIT("f16");
     }
+#undef SPARSEQ_MMA_SP_16BIT
 #endif
   }
 };

@@ -36,11 +36,7 @@
 //   compact layout (low nibble = even group) already is the register's nibble order.
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SPARSEQ_HD __host__ __device__
-#else
-#define SPARSEQ_HD
-#endif
+#include "int8_mma_layout.h"  // SPARSEQ_HD
 
 namespace sparseq {
 namespace cuda {

@@ -13,22 +13,11 @@ import subprocess
 import pytest
 import torch
 
-import sparseq
 from sparseq import _ref, ops
 from sparseq.formats import Sparse24Weight, SparseCSRWeight
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .test_int8_cuda import HAS_CUDA_KERNELS, ROOT, _rel_err
 
-
-def _cuda_kernels_available() -> bool:
-    if not (sparseq.HAS_EXT and torch.cuda.is_available()):
-        return False
-    from sparseq import _C
-
-    return bool(_C.with_cuda) and torch.cuda.get_device_capability() >= (8, 0)
-
-
-HAS_CUDA_KERNELS = _cuda_kernels_available()
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -75,10 +64,6 @@ def test_sparse24_tile_layout_replays_on_cpu(tmp_path):
     run = subprocess.run([str(exe), str(cases)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "5 bf16 and 5 s8 weights replayed over 3 tile shapes: 0 failures" in run.stdout
-
-
-def _rel_err(out, ref):
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
 def _tolerance(x_dtype, k):
