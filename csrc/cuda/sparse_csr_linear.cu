@@ -5,6 +5,8 @@
 // One warp per output channel and kTokens tokens: lanes walk the row's nonzeros (consecutive
 // entries, so the index and value loads coalesce and the x gathers of a segment stay within one
 // 256-column window), each lane keeps kTokens partial sums, a warp reduction finishes the row.
+// A lane finds its entry's segment from pointers held in registers (one per lane), so decoding
+// (M = 1) waits on two dependent loads per 32 entries, not on a chain of pointer loads.
 // Larger M is a grid dimension of token tiles: the row is re-read per tile, from L2 for a layer's
 // worth of weight. Meant for high sparsity (>= ~90%), where the dense GEMM wastes most of its work.
 //
@@ -28,6 +30,8 @@ namespace {
 constexpr int kCsrWarps = 4;  // channels per CTA
 constexpr int kTokens = 8;    // tokens per warp
 constexpr int kBadPointers = 1, kBadColumns = 2;
+constexpr int kWindow = 31;  // segments whose 32 pointers one warp load brings
+constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename TX, typename TV>
 __global__ void __launch_bounds__(32 * kCsrWarps)
@@ -44,17 +48,29 @@ __global__ void __launch_bounds__(32 * kCsrWarps)
   // The first and last pointers pin the whole array to [0, nnz] as the format requires.
   if ((channel == 0 && ptr[0] != 0) || (channel == n - 1 && ptr[segments] != nnz)) bad |= kBadPointers;
   float acc[kTokens] = {};
-  int64_t lo = ptr[0];
-  for (int s = 0; s < segments; ++s) {
-    const int64_t hi = ptr[s + 1];
-    if (lo < 0 || hi < lo || hi > nnz) {
+  // Windows of up to 31 segments: lane i holds pointer s0 + i (the window's starts and its end),
+  // so one load brings every pointer the window needs and no loop waits on a pointer chain.
+  for (int s0 = 0; s0 < segments; s0 += kWindow) {
+    const int count = min(kWindow, segments - s0);
+    const int64_t p = lane <= count ? ptr[s0 + lane] : 0;
+    const int64_t p_next = __shfl_down_sync(kFullMask, p, 1);
+    const bool lane_bad = lane <= count && (p < 0 || p > nnz || (lane < count && p_next < p));
+    if (__any_sync(kFullMask, lane_bad)) {
       bad |= kBadPointers;
-      lo = hi;
       continue;
     }
-    const int col0 = s * 256;
-    for (int64_t e = lo + lane; e < hi; e += 32) {
-      const int col = col0 + col_offsets[e];
+    const int64_t end = __shfl_sync(kFullMask, p, count);
+    int seg = 0;  // the segment (within the window) of this lane's entry; only ever advances
+    for (int64_t e = __shfl_sync(kFullMask, p, 0) + lane; __any_sync(kFullMask, e < end); e += 32) {
+      const bool live = e < end;
+      for (;;) {  // advance past the segments that end at or before e (empty ones included)
+        const int64_t next_start = __shfl_sync(kFullMask, p, min(seg + 1, count));
+        const bool advance = live && seg < count - 1 && e >= next_start;
+        if (!__any_sync(kFullMask, advance)) break;
+        seg += advance;
+      }
+      if (!live) continue;
+      const int col = (s0 + seg) * 256 + col_offsets[e];
       if (col >= k) {
         bad |= kBadColumns;
         continue;
@@ -65,15 +81,14 @@ __global__ void __launch_bounds__(32 * kCsrWarps)
       for (int t = 0; t < kTokens; ++t)
         if (t < tokens) acc[t] += v * static_cast<float>(xc[static_cast<int64_t>(t) * k]);
     }
-    lo = hi;
   }
 #pragma unroll
   for (int t = 0; t < kTokens; ++t) {
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);
+    for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(kFullMask, acc[t], off);
   }
-  if (__any_sync(0xffffffffu, bad & kBadPointers)) bad |= kBadPointers;
-  if (__any_sync(0xffffffffu, bad & kBadColumns)) bad |= kBadColumns;
+  if (__any_sync(kFullMask, bad & kBadPointers)) bad |= kBadPointers;
+  if (__any_sync(kFullMask, bad & kBadColumns)) bad |= kBadColumns;
   if (lane == 0) {
     if (bad) atomicOr(error_flag, bad);
     for (int t = 0; t < tokens; ++t) {
