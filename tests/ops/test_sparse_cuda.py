@@ -147,7 +147,7 @@ class TestSparse24Cuda:
         # Rows whose absmax is 127 quantize to themselves: out == int32 dot * w_scale exactly.
         n, k = 48, 256
         w = _sparse24_dense(n, k, seed=7, ints=True)
-        w[:, 0] = 127.0
+        w[:, :4] = torch.tensor([127.0, 0.0, 0.0, 0.0])  # scale 1: the codes are w itself
         sw = Sparse24Weight.pack(w, int8=True)
         x = torch.randint(-127, 128, (33, k)).float()
         x[:, 5] = 127.0
@@ -191,8 +191,9 @@ def _csr_dense(n, k, sparsity, seed=0):
     w = torch.randn(n, k, generator=g)
     w[torch.rand(n, k, generator=g) < sparsity] = 0
     if n > 2:
-        w[0] = 0            # an empty row
-        w[1] = torch.randn(k, generator=g)  # a dense row
+        w[0] = 0  # an empty row
+        if sparsity < 1:
+            w[1] = torch.randn(k, generator=g)  # a dense row
     return w
 
 
