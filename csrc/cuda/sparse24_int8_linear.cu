@@ -49,7 +49,7 @@ at::Tensor sparse24_int8_linear_cuda(const at::Tensor& x, const at::Tensor& valu
   at::Tensor x_scale = at::empty({m}, x.options().dtype(at::kFloat));
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   sp24::Operands ops{};
-  const auto keep_alive = sp24::prepare_weight_operands(ops, q, values, meta, k, 1);
+  const auto keep_alive = sp24::prepare_weight_operands(ops, q, values, meta, k);
   const DeviceErrorFlag flag(x);
   ops.error_flag = flag.data();
 

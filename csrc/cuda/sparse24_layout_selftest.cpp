@@ -1,7 +1,8 @@
 // CPU replay of the 2:4 sparse tensor-core GEMM (sparse24_mma.cuh) over whole weights, built from
 // the kernel's own index functions (sparse24_mma_layout.h) and an independent transcription of
 // the PTX ISA's mma.sp fragment and metadata definitions. For every tile shape and both element
-// widths (bf16 mma.sp m16n8k32, s8 mma.sp m16n8k64) it checks that
+// widths (bf16 mma.sp m16n8k32, s8 mma.sp m16n8k64; int8 codes also through the bf16
+// instruction, staged and widened in shared memory as the kernel does) it checks that
 //   * the stage copies write each shared-memory byte exactly once;
 //   * the dense A tile the instruction would see, rebuilt from the lanes' value fragments and
 //     metadata words, equals Sparse24Weight.unpack() of the packed weight (read from a file the
@@ -126,7 +127,9 @@ static void ptx_dense_b(const uint32_t (&b)[32][4], int elem_bytes, std::vector<
   }
 }
 
-template <class Cfg>
+// kCodes: int8 codes (c.elem_bytes == 1) staged and widened to bf16 for a 16-bit tile, as the
+// kernel does for int8 values with bf16 / fp16 activations.
+template <class Cfg, bool kCodes = false>
 static void replay(const Case& c, std::mt19937& rng, const char* name) {
   constexpr int E = Cfg::kElemBytes;
   const int kstage = dense_k_per_stage(E), kd = kstage / kKSteps;
@@ -134,7 +137,7 @@ static void replay(const Case& c, std::mt19937& rng, const char* name) {
   const int m = 37;  // tokens: one full and one partial tile for the small shapes
   std::vector<uint8_t> values, meta;
   pad_case(c, kpad, values, meta);
-  const int ld_v = kpad / 2 * E, ld_m = kpad / 8, ld_x = kpad * E;
+  const int ld_v = kpad / 2 * c.elem_bytes, ld_m = kpad / 8, ld_x = kpad * E;
   // x: small integers (exact in bf16 and s8), zero padding past K.
   std::uniform_int_distribution<int> dist(-8, 8);
   std::vector<uint8_t> x(static_cast<size_t>(m) * ld_x, 0);
@@ -152,6 +155,7 @@ static void replay(const Case& c, std::mt19937& rng, const char* name) {
     }
 
   std::vector<uint8_t> vt(Cfg::kValueTileBytes), xt(Cfg::kXTileBytes), mt(Cfg::kMetaTileBytes);
+  std::vector<uint8_t> conv(Cfg::kConvTileBytes);
   for (int n0 = 0; n0 < c.n; n0 += Cfg::kBA) {
     for (int m0 = 0; m0 < m; m0 += Cfg::kBB) {
       std::vector<double> out(static_cast<size_t>(Cfg::kBA) * Cfg::kBB, 0.0);
@@ -170,10 +174,17 @@ static void replay(const Case& c, std::mt19937& rng, const char* name) {
         // load_stage: every thread's copies; zero fill past N / M.
         std::vector<int> wv(vt.size(), 0), wx(xt.size(), 0), wm(mt.size(), 0);
         for (int tid = 0; tid < Cfg::kThreads; ++tid) {
-          for (int i = 0; i < Cfg::kValueCopies / Cfg::kThreads; ++i) {
+          for (int i = 0; !kCodes && i < Cfg::kValueCopies / Cfg::kThreads; ++i) {
             const int cc = tid + i * Cfg::kThreads, r = value_copy_row(cc), ch = value_copy_chunk(cc);
             const int dst = value_offset(r, ch);
             if (n0 + r < c.n) std::memcpy(&vt[dst], &values[(n0 + r) * ld_v + kt * kValueBytesPerStage + ch * 16], 16);
+            else std::memset(&vt[dst], 0, 16);
+            for (int b = 0; b < 16; ++b) ++wv[dst + b];
+          }
+          for (int i = 0; kCodes && i < Cfg::kCodeCopies / Cfg::kThreads; ++i) {
+            const int cc = tid + i * Cfg::kThreads, r = code_copy_row(cc), ch = code_copy_chunk(cc);
+            const int dst = value_offset(r, ch);
+            if (n0 + r < c.n) std::memcpy(&vt[dst], &values[(n0 + r) * ld_v + kt * kValueBytesPerStage / 2 + ch * 16], 16);
             else std::memset(&vt[dst], 0, 16);
             for (int b = 0; b < 16; ++b) ++wv[dst + b];
           }
@@ -191,7 +202,25 @@ static void replay(const Case& c, std::mt19937& rng, const char* name) {
             for (int b = 0; b < Cfg::kMetaBytes; ++b) ++wm[dst + b];
           }
         }
-        if (kt == 0) {
+        if (kCodes) {  // the widening pass: every thread's code chunks into the conversion tile
+          std::vector<int> wc(conv.size(), 0);
+          for (int cc = 0; cc < Cfg::kCodeCopies; ++cc) {
+            const int r = code_copy_row(cc), ch = code_copy_chunk(cc);
+            for (int j = 0; j < 16; ++j) {
+              const float f = static_cast<float>(static_cast<int8_t>(vt[value_offset(r, ch) + j]));
+              const uint16_t bits = float_to_bf16_exact(f);
+              const int dst = widened_offset(r, ch, j / 8) + 2 * (j % 8);
+              std::memcpy(&conv[dst], &bits, 2);
+              ++wc[dst];
+              ++wc[dst + 1];
+            }
+          }
+          for (int v : wc) EXPECT(v == 1, "%s: a conversion tile byte written %d times", name, v);
+          int staged = 0;
+          for (int v : wv) staged += v;
+          EXPECT(staged == Cfg::kBA * 32, "%s: %d code bytes staged, want %d", name, staged, Cfg::kBA * 32);
+          for (int v : wv) EXPECT(v <= 1, "%s: a staged code byte written %d times", name, v);
+        } else if (kt == 0) {
           for (int v : wv) EXPECT(v == 1, "%s: a values tile byte written %d times", name, v);
           for (int v : wx) EXPECT(v == 1, "%s: an x tile byte written %d times", name, v);
           for (int v : wm) EXPECT(v == 1, "%s: a meta tile byte written %d times", name, v);
@@ -206,7 +235,7 @@ static void replay(const Case& c, std::mt19937& rng, const char* name) {
               for (int l = 0; l < 32; ++l) addr[l] = a_fragment_offset<Cfg>(warp_a, i, l, kstep);
               expect_conflict_free_16B(addr, name);
               uint32_t a[32][4], e[32];
-              ldmatrix_x4(vt, addr, a);
+              ldmatrix_x4(kCodes ? conv : vt, addr, a);
               for (int l = 0; l < 32; ++l) {
                 uint16_t lo, hi;
                 std::memcpy(&lo, &mt[meta_half_offset<Cfg>(warp_a, i, l, kstep, 0)], 2);
@@ -319,6 +348,14 @@ static void replay_all(const Case& c, std::mt19937& rng) {
   replay<Tile<64, 64, 2, 2, 4, E>>(c, rng, name);
   std::snprintf(name, sizeof(name), "%s N=%d K=%d small", E == 2 ? "bf16" : "s8", c.n, c.k);
   replay<Tile<32, 16, 2, 1, 8, E>>(c, rng, name);
+  if (E == 1) {  // the same int8 codes widened for the bf16 instruction
+    std::snprintf(name, sizeof(name), "s8 codes -> bf16 N=%d K=%d large", c.n, c.k);
+    replay<Tile<128, 128, 2, 4, 4, 2>, true>(c, rng, name);
+    std::snprintf(name, sizeof(name), "s8 codes -> bf16 N=%d K=%d medium", c.n, c.k);
+    replay<Tile<64, 64, 2, 2, 4, 2>, true>(c, rng, name);
+    std::snprintf(name, sizeof(name), "s8 codes -> bf16 N=%d K=%d small", c.n, c.k);
+    replay<Tile<32, 16, 2, 1, 8, 2>, true>(c, rng, name);
+  }
 }
 
 int main(int argc, char** argv) {
@@ -339,7 +376,7 @@ int main(int argc, char** argv) {
     else replay_all<1>(c, rng);
     ++counts[c.elem_bytes];
   }
-  std::printf("%d bf16 and %d s8 weights replayed over 3 tile shapes: %d failures\n", counts[2], counts[1],
-              failures);
+  std::printf("%d bf16 and %d s8 weights replayed over 3 tile shapes (s8 also widened to bf16): %d failures\n",
+              counts[2], counts[1], failures);
   return failures == 0 ? 0 : 1;
 }

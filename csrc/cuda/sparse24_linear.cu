@@ -1,7 +1,7 @@
 // CUDA 2:4 sparse linear: out = x @ W.T (* w_scale) + bias for a Sparse24Weight's tensors.
 //   * x bf16 / fp16 with values of the same dtype, or int8 codes (exact in bf16 / fp16, |code| <=
-//     128; converted once per call, w_scale applied in the epilogue): mma.sp tensor cores
-//     (sparse24_mma.cuh), fp32 accumulation, on sm_80+;
+//     128; loaded as int8 and widened in shared memory, w_scale applied in the epilogue): mma.sp
+//     tensor cores (sparse24_mma.cuh), fp32 accumulation, on sm_80+;
 //   * every other mix (fp32 x, bf16 x with fp16 values, ...) and GPUs below sm_80: a SIMT kernel,
 //     one warp per output channel and 8 tokens, that follows _ref.sparse24_linear literally
 //     (any meta nibble, duplicated positions included).
@@ -105,20 +105,20 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
     launch_sparse24_simt(x, values, meta, scale_ptr, bias_ptr, out, stream);
     return out;
   }
-  const at::Tensor vals = vt == at::kChar ? values.to(xt) : values;
   const at::Tensor act = sp24::pad_columns(x, sp24::padded_k(k, 2), 0);
   sp24::Operands ops{};
-  const auto keep_alive = sp24::prepare_weight_operands(ops, act, vals, meta, k, 2);
+  const auto keep_alive = sp24::prepare_weight_operands(ops, act, values, meta, k);
   const DeviceErrorFlag flag(x);
   ops.error_flag = flag.data();
   dispatch_activation_dtype(xt, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
       const FloatEpilogue<T> epi{out.data_ptr<T>(), scale_ptr, bias_ptr, static_cast<int>(n)};
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        sp24::launch_sparse24_mma<sp24::MmaSpBF16>(ops, epi, stream);
+      using Mma = std::conditional_t<std::is_same_v<T, c10::BFloat16>, sp24::MmaSpBF16, sp24::MmaSpHalf>;
+      if (vt == at::kChar) {
+        sp24::launch_sparse24_mma<Mma, /*kCodes=*/true>(ops, epi, stream);
       } else {
-        sp24::launch_sparse24_mma<sp24::MmaSpHalf>(ops, epi, stream);
+        sp24::launch_sparse24_mma<Mma>(ops, epi, stream);
       }
     }
   });

@@ -14,6 +14,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -47,6 +48,16 @@ template <bool kBF16>
 struct MmaSp16 {
   using Acc = float;
   static constexpr int kElemBytes = 2;
+  // Two int8 codes as a pair of 16-bit elements (low = first), exactly: |code| <= 128 needs 8
+  // significand bits, so the bf16 is the top half of the fp32 bits and the fp16 conversion is exact.
+  __device__ __forceinline__ static uint32_t widen_pair(int lo, int hi) {
+    if constexpr (kBF16) {
+      return (__float_as_uint(static_cast<float>(lo)) >> 16) | (__float_as_uint(static_cast<float>(hi)) & 0xffff0000u);
+    } else {
+      return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(static_cast<float>(lo)))) |
+             (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(static_cast<float>(hi)))) << 16);
+    }
+  }
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
                                              uint32_t e) {
 #ifdef SPARSEQ_MMA_ENABLED
@@ -88,6 +99,14 @@ __device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool v
   const uint32_t src_bytes = valid ? 8u : 0u;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
+__device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void sts_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
 __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   unsigned short v;
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
@@ -96,11 +115,13 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
 #endif
 
 // Epilogue functors are called once per output element with (token, channel, acc, poisoned);
-// the kernel guarantees token < m and channel < n.
-template <class Cfg, class Mma, class Epilogue>
+// the kernel guarantees token < m and channel < n. kCodes: the values are int8 codes (ld_values
+// = K/2 bytes) widened in shared memory for a 16-bit Mma.
+template <class Cfg, class Mma, bool kCodes, class Epilogue>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) sparse24_mma_kernel(const Operands ops, const Epilogue epi) {
 #ifdef SPARSEQ_MMA_ENABLED
   static_assert(Cfg::kElemBytes == Mma::kElemBytes, "tile and instruction element widths differ");
+  static_assert(!kCodes || Mma::kElemBytes == 2, "int8 codes are widened for 16-bit instructions only");
   using Acc = typename Mma::Acc;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t smem_base = smem_addr(smem);
@@ -112,14 +133,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) sparse24_mma_kernel(const Op
     const uint32_t v_tile = smem_base + stage * Cfg::kStageBytes;
     const uint32_t x_tile = v_tile + Cfg::kValueTileBytes;
     const uint32_t m_tile = x_tile + Cfg::kXTileBytes;
+    if constexpr (kCodes) {
 #pragma unroll
-    for (int i = 0; i < Cfg::kValueCopies / Cfg::kThreads; ++i) {
-      const int c = tid + i * Cfg::kThreads;
-      const int r = value_copy_row(c), ch = value_copy_chunk(c);
-      const bool valid = n0 + r < ops.n;
-      const uint8_t* src = valid ? ops.values + (n0 + r) * ops.ld_values + kt * kValueBytesPerStage + ch * 16
-                                 : ops.values;
-      cp_async_16(v_tile + value_offset(r, ch), src, valid);
+      for (int i = 0; i < Cfg::kCodeCopies / Cfg::kThreads; ++i) {
+        const int c = tid + i * Cfg::kThreads;
+        const int r = code_copy_row(c), ch = code_copy_chunk(c);
+        const bool valid = n0 + r < ops.n;
+        const uint8_t* src =
+            valid ? ops.values + (n0 + r) * ops.ld_values + kt * (kValueBytesPerStage / 2) + ch * 16 : ops.values;
+        cp_async_16(v_tile + value_offset(r, ch), src, valid);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < Cfg::kValueCopies / Cfg::kThreads; ++i) {
+        const int c = tid + i * Cfg::kThreads;
+        const int r = value_copy_row(c), ch = value_copy_chunk(c);
+        const bool valid = n0 + r < ops.n;
+        const uint8_t* src = valid ? ops.values + (n0 + r) * ops.ld_values + kt * kValueBytesPerStage + ch * 16
+                                   : ops.values;
+        cp_async_16(v_tile + value_offset(r, ch), src, valid);
+      }
     }
 #pragma unroll
     for (int i = 0; i < Cfg::kXCopies / Cfg::kThreads; ++i) {
@@ -163,9 +196,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) sparse24_mma_kernel(const Op
     if (next < ops.k_stages) load_stage(next % Cfg::kStages, next);
     cp_async_commit();
 
-    const uint32_t v_tile = smem_base + (kt % Cfg::kStages) * Cfg::kStageBytes;
-    const uint32_t x_tile = v_tile + Cfg::kValueTileBytes;
+    const uint32_t stage_tile = smem_base + (kt % Cfg::kStages) * Cfg::kStageBytes;
+    const uint32_t x_tile = stage_tile + Cfg::kValueTileBytes;
     const uint32_t m_tile = x_tile + Cfg::kXTileBytes;
+    uint32_t v_tile = stage_tile;
+    if constexpr (kCodes) {
+      // Widen this stage's codes into the conversion tile (after the barrier above, no warp still
+      // reads the previous stage's), then make them visible before the fragment loads.
+      v_tile = smem_base + Cfg::kSmemBytes;
+#pragma unroll
+      for (int i = 0; i < Cfg::kCodeCopies / Cfg::kThreads; ++i) {
+        const int c = tid + i * Cfg::kThreads;
+        const int r = code_copy_row(c), ch = code_copy_chunk(c);
+        const uint4 codes = lds_v4(stage_tile + value_offset(r, ch));
+        const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
+        uint32_t wide[8];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          auto code = [&](int j) { return static_cast<int>(static_cast<int8_t>(words[w] >> (8 * j))); };
+          wide[2 * w] = Mma::widen_pair(code(0), code(1));
+          wide[2 * w + 1] = Mma::widen_pair(code(2), code(3));
+        }
+        sts_v4(v_tile + widened_offset(r, ch, 0), wide[0], wide[1], wide[2], wide[3]);
+        sts_v4(v_tile + widened_offset(r, ch, 1), wide[4], wide[5], wide[6], wide[7]);
+      }
+      __syncthreads();
+    }
 #pragma unroll
     for (int kstep = 0; kstep < kKSteps; ++kstep) {
       uint32_t af[Cfg::kAT][4], bf[Cfg::kBT][4], e[Cfg::kAT];
@@ -226,22 +282,23 @@ using MediumTile = Tile<64, 64, 2, 2, 4, E>;
 template <int E>
 using SmallTile = Tile<32, 16, 2, 1, 8, E>;
 
-template <class Cfg, class Mma, class Epilogue>
+template <class Cfg, class Mma, bool kCodes, class Epilogue>
 void launch_with(const Operands& ops, const Epilogue& epi, cudaStream_t stream) {
-  auto kernel = sparse24_mma_kernel<Cfg, Mma, Epilogue>;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  auto kernel = sparse24_mma_kernel<Cfg, Mma, kCodes, Epilogue>;
+  constexpr int smem_bytes = Cfg::kSmemBytes + (kCodes ? Cfg::kConvTileBytes : 0);
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
   const int64_t tiles_n = (ops.n + Cfg::kBA - 1) / Cfg::kBA;
   const int64_t tiles_m = (ops.m + Cfg::kBB - 1) / Cfg::kBB;
   TORCH_CHECK(tiles_m <= 65535, "sparseq: M=", ops.m, " is too large for the CUDA 2:4 GEMM grid");
   const dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(ops, epi);
+  kernel<<<grid, Cfg::kThreads, smem_bytes, stream>>>(ops, epi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Picks the largest tile that still gives every SM at least one CTA.
-template <class Mma, class Epilogue>
+template <class Mma, bool kCodes = false, class Epilogue>
 void launch_sparse24_mma(const Operands& ops, const Epilogue& epi, cudaStream_t stream) {
   if (ops.m == 0 || ops.n == 0) return;
   constexpr int E = Mma::kElemBytes;
@@ -250,11 +307,11 @@ void launch_sparse24_mma(const Operands& ops, const Epilogue& epi, cudaStream_t 
     return ((ops.n + ba - 1) / static_cast<int64_t>(ba)) * ((ops.m + bb - 1) / static_cast<int64_t>(bb));
   };
   if (ctas(LargeTile<E>::kBA, LargeTile<E>::kBB) >= sms) {
-    launch_with<LargeTile<E>, Mma>(ops, epi, stream);
+    launch_with<LargeTile<E>, Mma, kCodes>(ops, epi, stream);
   } else if (ops.m > SmallTile<E>::kBB && ctas(MediumTile<E>::kBA, MediumTile<E>::kBB) >= sms) {
-    launch_with<MediumTile<E>, Mma>(ops, epi, stream);
+    launch_with<MediumTile<E>, Mma, kCodes>(ops, epi, stream);
   } else {
-    launch_with<SmallTile<E>, Mma>(ops, epi, stream);
+    launch_with<SmallTile<E>, Mma, kCodes>(ops, epi, stream);
   }
 }
 

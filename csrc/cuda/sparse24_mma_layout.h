@@ -70,10 +70,14 @@ struct Tile {
   static constexpr int kStageBytes = kValueTileBytes + kXTileBytes + kMetaTileBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
   static constexpr int kValueCopies = BA * 4;   // 16-byte chunks per stage
+  // int8 codes feeding a 16-bit mma ("convert on load"): BA x 32 code bytes per stage, staged in
+  // the stage's values tile, widened into one extra BA x 64-byte tile (kConvTileBytes).
+  static constexpr int kCodeCopies = BA * 2;
+  static constexpr int kConvTileBytes = BA * kValueBytesPerStage;
   static constexpr int kXCopies = BB * 8;
   static constexpr int kMetaCopies = BA;        // one 8- or 16-byte copy per channel
   static_assert(kWA % 16 == 0 && kWB % 8 == 0, "warp tile must be whole m16 x n8 tiles");
-  static_assert(kValueCopies % kThreads == 0 && kXCopies % kThreads == 0,
+  static_assert(kValueCopies % kThreads == 0 && kXCopies % kThreads == 0 && kCodeCopies % kThreads == 0,
                 "every thread copies the same number of 16-byte chunks");
   static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
   static_assert(STAGES >= 2, "pipeline needs at least two stages");
@@ -93,6 +97,13 @@ SPARSEQ_HD constexpr int meta_offset(int row, int byte, int meta_bytes) { return
 // Copy number c of a stage: values row c/4 chunk c%4; x row c/8 chunk c%8; meta row c.
 SPARSEQ_HD constexpr int value_copy_row(int c) { return c / 4; }
 SPARSEQ_HD constexpr int value_copy_chunk(int c) { return c % 4; }
+// int8 codes for a 16-bit mma: copy c is code chunk c % 2 (16 codes) of row c / 2, staged at
+// value_offset(row, chunk); its 16 widened values are chunks 2 (c % 2) and 2 (c % 2) + 1 of the
+// row in the conversion tile, at value_offset as for values loaded directly.
+SPARSEQ_HD constexpr int code_copy_row(int c) { return c / 2; }
+SPARSEQ_HD constexpr int code_copy_chunk(int c) { return c % 2; }
+// Where the widened 16-bit values of code chunk `chunk` go: codes 8 half .. 8 half + 7.
+SPARSEQ_HD constexpr int widened_offset(int row, int chunk, int half) { return value_offset(row, 2 * chunk + half); }
 SPARSEQ_HD constexpr int x_copy_row(int c) { return c / 8; }
 SPARSEQ_HD constexpr int x_copy_chunk(int c) { return c % 8; }
 

@@ -31,12 +31,13 @@ inline at::Tensor pad_columns(const at::Tensor& t, int64_t padded_cols, int64_t 
   return out;
 }
 
-// Fills `ops` for x-like rows `act` ([M, Kpad] already padded) and the weight tensors. The
-// padded groups of meta get positions (0, 1) (kPadMetaByte); an odd group count leaves a high
-// nibble in the last real byte that is not a group, which gets them too.
+// Fills `ops` for activation rows `act` ([M, Kpad], already padded: bf16/fp16 x, or int8 q) and
+// the weight tensors (values of act's dtype, or int8 codes for a 16-bit act). The padded groups
+// of meta get positions (0, 1) (kPadMetaByte); an odd group count leaves a high nibble in the
+// last real byte that is not a group, which gets them too.
 // Returns the tensors that must stay alive until the kernel has run.
 inline std::vector<at::Tensor> prepare_weight_operands(Operands& ops, const at::Tensor& act, const at::Tensor& values,
-                                                       const at::Tensor& meta, int64_t k, int elem_bytes) {
+                                                       const at::Tensor& meta, int64_t k) {
   const int64_t kpad = act.size(1);
   const int64_t groups = (k + 3) / 4;
   const at::Tensor v = pad_columns(values, kpad / 2, 0);
@@ -52,12 +53,12 @@ inline std::vector<at::Tensor> prepare_weight_operands(Operands& ops, const at::
   ops.values = static_cast<const uint8_t*>(v.data_ptr());
   ops.x = static_cast<const uint8_t*>(act.data_ptr());
   ops.meta = static_cast<const uint8_t*>(mt.data_ptr());
-  ops.ld_values = kpad / 2 * elem_bytes;
-  ops.ld_x = kpad * elem_bytes;
+  ops.ld_values = kpad / 2 * v.element_size();
+  ops.ld_x = kpad * act.element_size();
   ops.ld_meta = kpad / 8;
   ops.n = static_cast<int>(values.size(0));
   ops.m = static_cast<int>(act.size(0));
-  ops.k_stages = static_cast<int>(kpad / dense_k_per_stage(elem_bytes));
+  ops.k_stages = static_cast<int>(kpad / dense_k_per_stage(static_cast<int>(act.element_size())));
   return {v, mt};
 }
 

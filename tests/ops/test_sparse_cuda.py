@@ -63,7 +63,7 @@ def test_sparse24_tile_layout_replays_on_cpu(tmp_path):
     _write_replay_cases(cases)
     run = subprocess.run([str(exe), str(cases)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "5 bf16 and 5 s8 weights replayed over 3 tile shapes: 0 failures" in run.stdout
+    assert "5 bf16 and 5 s8 weights replayed over 3 tile shapes (s8 also widened to bf16): 0 failures" in run.stdout
 
 
 def _tolerance(x_dtype, k):
