@@ -2,9 +2,9 @@
 # One-shot check on a lent GPU machine (H100/H200 with torch, triton and nvcc preinstalled, no
 # internet): build the extension with the CUDA kernels in place, run the GPU op tests (CUDA,
 # Triton and the ops door; CI covers the CPU kernels), run the GPU benchmark. Everything useful
-# lands in $OUT (default ./gpu_out), at most 6 files:
+# lands in $OUT (default ./gpu_out), at most 10 files:
 #   summary.txt build.log pytest.log junit.xml bench.log gpu_bench.json sparse_bench.log
-#   gpu_sparse_bench.json gpu_sparse_headline.json.
+#   sparse_headline.log gpu_sparse_bench.json gpu_sparse_headline.json.
 # Runs every step even when one fails; exits nonzero if any failed. Step limits add up to 540 s,
 # so the whole script stays under 9.5 minutes (run it with timeout_s=600).
 #   bash bench/gpu_check.sh
