@@ -59,6 +59,21 @@ def run_case(results: list, name: str, shape: dict, kernel, baseline, check, war
     print(f"{name:28s} {str(shape):52s} {timing}  check={entry.get('check')}", flush=True)
 
 
+def device_report(warmup: int, iters: int) -> dict:
+    """The machine and build a result file was measured on, with an empty results list."""
+    import sparseq
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    return {
+        "device": props.name, "sm_count": props.multi_processor_count,
+        "capability": list(torch.cuda.get_device_capability(dev)),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "sparseq_cuda_kernels": sparseq.HAS_EXT and bool(getattr(sparseq._C, "with_cuda", False)),
+        "warmup": warmup, "iters": iters, "results": [],
+    }
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
@@ -70,7 +85,6 @@ def main() -> int:
     args = parser.parse_args()
     warmup, iters = (3, 10) if args.quick else (10, 50)
 
-    import sparseq
     from sparseq import ops
     from sparseq.formats import PackedInt8Weight
 
@@ -78,14 +92,8 @@ def main() -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    cuda_ok = sparseq.HAS_EXT and bool(getattr(sparseq._C, "with_cuda", False))
-    report = {
-        "device": props.name, "sm_count": props.multi_processor_count,
-        "capability": list(torch.cuda.get_device_capability(dev)),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "sparseq_cuda_kernels": cuda_ok, "warmup": warmup, "iters": iters, "results": [],
-    }
+    report = device_report(warmup, iters)
+    cuda_ok = report["sparseq_cuda_kernels"]
     try:
         import triton
 

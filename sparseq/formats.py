@@ -287,10 +287,12 @@ class Sparse24Weight:
     A group with fewer than 2 nonzeros stores 0 at the unused slot(s), whose positions are the
     smallest positions not holding a nonzero, so idx_0 < idx_1 always holds.
 
-    This is the plain row-major layout the CPU kernels and the references read. The CUDA
-    mma.sp::ordered_metadata operand layout (metadata interleaved to match the m16n8k32 /
-    m16n8k64 fragments) is a separate conversion from this one, still to be written with the
-    CUDA kernel; nothing here claims to be that layout.
+    This plain row-major layout is also what the CUDA mma.sp kernels read, unconverted: the
+    nibble order (idx_0 in the low bits, even group in the low nibble) is the instruction's
+    metadata order, so each lane's 32-bit metadata word is two 16-bit (m16n8k32, bf16/fp16) or
+    one 32-bit (m16n8k64, int8) little-endian load from these bytes
+    (csrc/cuda/sparse24_mma_layout.h). Kernels need idx_0 < idx_1 in every group, which pack()
+    guarantees and validate() checks.
     """
 
     values: torch.Tensor

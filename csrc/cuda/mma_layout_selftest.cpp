@@ -14,21 +14,9 @@
 #include <vector>
 
 #include "int8_mma_layout.h"
+#include "selftest_expect.h"
 
 using namespace sparseq::cuda;
-
-static int failures = 0;
-#define EXPECT(cond, ...)                     \
-  do {                                        \
-    if (!(cond)) {                            \
-      if (failures < 20) {                    \
-        std::printf("FAIL %s: ", #cond);      \
-        std::printf(__VA_ARGS__);             \
-        std::printf("\n");                    \
-      }                                       \
-      ++failures;                             \
-    }                                         \
-  } while (0)
 
 static uint32_t word_at(const std::vector<uint8_t>& smem, int byte_offset) {
   uint32_t w;
