@@ -1,0 +1,128 @@
+// AVX2 kernels of sparse24_linear (2:4 values + 2-bit positions; layout in
+// sparseq/sparse_formats.h). Decode (few x rows): 4 groups = 8 stored values per step; their 8
+// positions are the 16 bits of two meta bytes in lane order, so one variable shift turns them into
+// vpermps indices that pick the 8 x entries from the group's 16 contiguous columns. Tiles (many x
+// rows): the same engine as CSR, each stored value one broadcast + FMAs against its x_tiles row.
+#include "sparse_avx2.h"
+
+namespace sparseq::cpu {
+namespace {
+
+using namespace avx2;
+
+// 8 stored values of 4 groups and the x entries they meet: lane j holds group j/2's position
+// j%2, i.e. bits 2j..2j+1 of the 16 meta bits; even groups sit in x's first 8 columns, odd ones
+// in the next 8.
+SPARSEQ_AVX2 inline __m256i positions_of(uint32_t meta16) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i group_column = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i pos = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(meta16)), shifts),
+                                       _mm256_set1_epi32(3));
+  return _mm256_add_epi32(pos, group_column);
+}
+
+SPARSEQ_AVX2 inline __m256 pick_x(const float* x16, __m256i positions) {
+  const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x16), positions);
+  const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x16 + 8), positions);
+  return _mm256_blend_ps(low, high, 0xF0);
+}
+
+template <int kRows>
+void sparse24_decode_row(const Sparse24Problem& p, int64_t n, float* result) SPARSEQ_AVX2;
+template <int kRows>
+void sparse24_decode_row(const Sparse24Problem& p, int64_t n, float* result) {
+  const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
+  const uint8_t* meta = p.meta + n * meta_bytes;
+  const int64_t value_base = n * 2 * groups;
+  const int64_t k_pad = p.x.k_pad;
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 4 <= groups; g += 4) {
+    const __m256i positions = positions_of(meta[g / 2] | static_cast<uint32_t>(meta[g / 2 + 1]) << 8);
+    const __m256 w = load8_values(p.values, p.value_type, value_base + 2 * g);
+    for (int r = 0; r < kRows; ++r)
+      acc[r] = _mm256_fmadd_ps(w, pick_x(p.x.x_rows + r * k_pad + 4 * g, positions), acc[r]);
+  }
+  if (g < groups) {
+    // 1..3 groups left: their meta bytes and values only; x is zero padded to whole 16 columns.
+    const int left = static_cast<int>(groups - g);
+    uint32_t meta16 = meta[g / 2];
+    if (left == 3) meta16 |= static_cast<uint32_t>(meta[g / 2 + 1]) << 8;
+    const __m256i positions = positions_of(meta16);
+    const __m256 w = load_values_tail(p.values, p.value_type, value_base + 2 * g, 2 * left);
+    for (int r = 0; r < kRows; ++r)
+      acc[r] = _mm256_fmadd_ps(w, pick_x(p.x.x_rows + r * k_pad + 4 * g, positions), acc[r]);
+  }
+  for (int r = 0; r < kRows; ++r) result[r] = horizontal_sum(acc[r]);
+}
+
+template <int kRows>
+void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_end) SPARSEQ_AVX2;
+template <int kRows>
+void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_end) {
+  for_row_blocks(p.epilogue, n_begin, n_end, 0, kRows, [&](int64_t n, float* result) SPARSEQ_AVX2 {
+    sparse24_decode_row<kRows>(p, n, result);
+    return true;
+  });
+}
+
+template <int kVectors>
+void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end,
+                        float* values_f32) SPARSEQ_AVX2;
+template <int kVectors>
+void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* values_f32) {
+  constexpr int kWidth = 8 * kVectors;
+  const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
+  const int64_t m_count = p.x.m - m0 < kWidth ? p.x.m - m0 : kWidth;
+  const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
+  for_row_blocks(p.epilogue, n_begin, n_end, m0, m_count, [&](int64_t n, float* result) SPARSEQ_AVX2 {
+    const uint8_t* meta = p.meta + n * meta_bytes;
+    const float* w = static_cast<const float*>(p.values) + n * 2 * groups;
+    if (p.value_type != ValueType::kFloat32) {
+      widen_values(p.values, p.value_type, n * 2 * groups, 2 * groups, values_f32);
+      w = values_f32;
+    }
+    TileAccumulators<kVectors, 4> acc;
+    acc.zero();
+    // A meta byte covers 2 groups = 8 columns and 4 stored values, one per accumulator set.
+    for (int64_t b = 0; b < groups / 2; ++b) {
+      const uint32_t bits = meta[b];
+      const float* x8 = tile + 8 * b * kWidth;
+      acc.fma(0, w + 4 * b, x8 + (bits & 3) * kWidth);
+      acc.fma(1, w + 4 * b + 1, x8 + ((bits >> 2) & 3) * kWidth);
+      acc.fma(2, w + 4 * b + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
+      acc.fma(3, w + 4 * b + 3, x8 + (4 + (bits >> 6)) * kWidth);
+    }
+    if (groups % 2) {
+      const int64_t g = groups - 1;
+      const uint32_t bits = meta[g / 2];
+      acc.fma(0, w + 2 * g, tile + (4 * g + (bits & 3)) * kWidth);
+      acc.fma(1, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
+    }
+    acc.reduce_to(result);
+    return true;
+  });
+}
+
+}  // namespace
+
+void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_t n_end) {
+  switch (p.x.m) {
+    case 1: return sparse24_decode_rows<1>(p, n_begin, n_end);
+    case 2: return sparse24_decode_rows<2>(p, n_begin, n_end);
+    case 3: return sparse24_decode_rows<3>(p, n_begin, n_end);
+    default: return sparse24_decode_rows<4>(p, n_begin, n_end);
+  }
+}
+
+void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
+                             int64_t n_end, float* values_f32) {
+  if (width == kTileWidthLarge) {
+    sparse24_tile_rows<2>(p, m0, n_begin, n_end, values_f32);
+  } else {
+    sparse24_tile_rows<1>(p, m0, n_begin, n_end, values_f32);
+  }
+}
+
+}  // namespace sparseq::cpu
