@@ -1,8 +1,10 @@
 // AVX2 kernels of sparse_csr_linear (segmented CSR, uint8 column offsets; layout in
-// sparseq/sparse_formats.h). Decode (one x row): a row's absolute columns are expanded once,
-// then 8 nonzeros at a time gather x and FMA with the widened values. Tiles (many x rows): every
+// sparseq/sparse_formats.h). Decode (one x row): scalar loads of x per nonzero (see
+// csr_decode_row). Tiles (many x rows): every
 // nonzero is one broadcast + FMAs against the x_tiles row of its column, which lies inside the
 // current 256-column segment (256 x 64 bytes of a 16-wide tile: L1/L2 resident).
+#include <cmath>
+
 #include "sparse_avx2.h"
 
 namespace sparseq::cpu {
@@ -22,56 +24,30 @@ inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
   return true;
 }
 
-// 8 column offsets from index e, zero extended to int32; reads nothing past nnz.
-SPARSEQ_AVX2 inline __m256i load8_offsets(const CsrProblem& p, int64_t e) {
-  if (e + 8 <= p.nnz) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.col_offsets + e)));
-  }
-  alignas(16) uint8_t tail[16] = {};
-  for (int64_t i = 0; e + i < p.nnz; ++i) tail[i] = p.col_offsets[e + i];
-  return _mm256_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
-}
-
-// Writes row n's absolute columns to columns[0 .. count) (8-wide stores may write up to 7 past)
-// and returns count.
-SPARSEQ_AVX2 inline int64_t expand_row_columns(const CsrProblem& p, int64_t n, int32_t* columns) {
+// One x row: x (16 KiB at K=4096) stays in L1, so plain loads per nonzero beat vgatherdps,
+// which is microcoded and slow on the AMD cores this was tuned on. Four chains hide FMA latency.
+bool csr_decode_row(const CsrProblem& p, int64_t n, float* values_f32, float* result) SPARSEQ_AVX2;
+bool csr_decode_row(const CsrProblem& p, int64_t n, float* values_f32, float* result) {
+  if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0];
+  const float* values = static_cast<const float*>(p.values) + start;
+  if (p.value_type != ValueType::kFloat32) {
+    widen_values(p.values, p.value_type, start, ptr[p.segments] - start, values_f32);
+    values = values_f32;
+  }
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t s = 0; s < p.segments; ++s) {
-    const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
-    for (int64_t e = ptr[s]; e < ptr[s + 1]; e += 8) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(columns + (e - start)),
-                          _mm256_add_epi32(load8_offsets(p, e), base));
-    }
+    const float* x = p.x.x_rows + s * kCsrSegment;
+    const uint8_t* offsets = p.col_offsets + ptr[s];
+    const float* w = values + (ptr[s] - start);
+    const int64_t count = ptr[s + 1] - ptr[s];
+    int64_t e = 0;
+    for (; e + 4 <= count; e += 4)
+      for (int j = 0; j < 4; ++j) acc[j] = std::fma(w[e + j], x[offsets[e + j]], acc[j]);
+    for (; e < count; ++e) acc[0] = std::fma(w[e], x[offsets[e]], acc[0]);
   }
-  return ptr[p.segments] - start;
-}
-
-bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* result) SPARSEQ_AVX2;
-bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* result) {
-  if (!row_segments_valid(p, n)) return false;
-  const int64_t count = expand_row_columns(p, n, columns);
-  const int64_t start = p.seg_ptr[n * p.segments];
-  const float* x = p.x.x_rows;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {
-    const __m256i idx0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + i));
-    const __m256i idx1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + i + 8));
-    acc0 = _mm256_fmadd_ps(load8_values(p.values, p.value_type, start + i), _mm256_i32gather_ps(x, idx0, 4), acc0);
-    acc1 = _mm256_fmadd_ps(load8_values(p.values, p.value_type, start + i + 8), _mm256_i32gather_ps(x, idx1, 4),
-                           acc1);
-  }
-  for (; i < count; i += 8) {
-    const int lanes = static_cast<int>(count - i < 8 ? count - i : 8);
-    const __m256i mask = first_lanes_mask(lanes);
-    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + i));
-    const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, idx, _mm256_castsi256_ps(mask), 4);
-    const __m256 w = lanes == 8 ? load8_values(p.values, p.value_type, start + i)
-                                : load_values_tail(p.values, p.value_type, start + i, lanes);
-    acc0 = _mm256_fmadd_ps(w, xv, acc0);
-  }
-  result[0] = horizontal_sum(_mm256_add_ps(acc0, acc1));
+  result[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   return true;
 }
 
@@ -119,9 +95,9 @@ bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_e
 
 }  // namespace
 
-bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns) {
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, float* values_f32) {
   return for_row_blocks(p.epilogue, n_begin, n_end, 0, 1, [&](int64_t n, float* result) SPARSEQ_AVX2 {
-    return csr_decode_row(p, n, columns, result);
+    return csr_decode_row(p, n, values_f32, result);
   });
 }
 

@@ -77,10 +77,9 @@ constexpr int64_t kTileWidthLarge = 16;
 // Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
 // (negative, decreasing, past nnz, or a segment of more than 256 entries); the outputs of that
 // range are then unspecified, and nothing outside the inputs was read.
-// csr_decode_rows_avx2's `columns` scratch holds k_pad + 8 int32 (a row's absolute columns).
-bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns);
-// Tile [m0, m0 + width) with width kTileWidthSmall or kTileWidthLarge; `values_f32` scratch holds
-// k_pad floats (the row's values widened once for the whole row).
+// `values_f32` scratch holds k_pad floats (a row's values widened once).
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, float* values_f32);
+// Tile [m0, m0 + width) with width kTileWidthSmall or kTileWidthLarge.
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                         float* values_f32);
 
