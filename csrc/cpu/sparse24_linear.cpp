@@ -54,9 +54,9 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
 
   parallel_rows(n, [&](int64_t n0, int64_t n1) {
     if (tiles) {
-      std::vector<float> values_f32(2 * p.groups);
+      std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(kTileValueScratch);
       for_each_tile(m, [&](int64_t m0, int64_t width) {
-        sparse24_tile_rows_avx2(p, m0, width, n0, n1, values_f32.data());
+        sparse24_tile_rows_avx2(p, m0, width, n0, n1, partial.data(), values_f32.data());
       });
     } else if (use_avx2) {
       sparse24_decode_rows_avx2(p, n0, n1);

@@ -3,6 +3,8 @@
 // positions are the 16 bits of two meta bytes in lane order, so one variable shift turns them into
 // vpermps indices that pick the 8 x entries from the group's 16 contiguous columns. Tiles (many x
 // rows): the same engine as CSR, each stored value one broadcast + FMAs against its x_tiles row.
+#include <algorithm>
+
 #include "sparse_avx2.h"
 
 namespace sparseq::cpu {
@@ -67,42 +69,50 @@ void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_e
   });
 }
 
+// Tile rows, one K block of 64 groups (256 columns) at a time across all rows (see store_partials).
 template <int kVectors>
-void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end,
+void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                         float* values_f32) SPARSEQ_AVX2;
 template <int kVectors>
-void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* values_f32) {
+void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
+                        float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
+  constexpr int64_t kBlockGroups = kTileKBlock / 4;
   const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
-  const int64_t m_count = p.x.m - m0 < kWidth ? p.x.m - m0 : kWidth;
   const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
-  for_row_blocks(p.epilogue, n_begin, n_end, m0, m_count, [&](int64_t n, float* result) SPARSEQ_AVX2 {
-    const uint8_t* meta = p.meta + n * meta_bytes;
-    const float* w = static_cast<const float*>(p.values) + n * 2 * groups;
-    if (p.value_type != ValueType::kFloat32) {
-      widen_values(p.values, p.value_type, n * 2 * groups, 2 * groups, values_f32);
-      w = values_f32;
+  for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
+    const int64_t g1 = std::min(groups, g0 + kBlockGroups);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const uint8_t* meta = p.meta + n * meta_bytes;
+      const int64_t value_begin = n * 2 * groups + 2 * g0;
+      const float* w = static_cast<const float*>(p.values) + value_begin;
+      if (p.value_type != ValueType::kFloat32) {
+        widen_values(p.values, p.value_type, value_begin, 2 * (g1 - g0), values_f32);
+        w = values_f32;
+      }
+      w -= 2 * g0;  // indexed by group below
+      float* row_partial = partial + (n - n_begin) * kWidth;
+      TileAccumulators<kVectors, 4> acc;
+      acc.start(row_partial, g0 == 0);
+      // A meta byte covers 2 groups = 8 columns and 4 stored values, one per accumulator set.
+      int64_t g = g0;
+      for (; g + 2 <= g1; g += 2) {
+        const uint32_t bits = meta[g / 2];
+        const float* x8 = tile + 4 * g * kWidth;
+        acc.fma(0, w + 2 * g, x8 + (bits & 3) * kWidth);
+        acc.fma(1, w + 2 * g + 1, x8 + ((bits >> 2) & 3) * kWidth);
+        acc.fma(2, w + 2 * g + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
+        acc.fma(3, w + 2 * g + 3, x8 + (4 + (bits >> 6)) * kWidth);
+      }
+      if (g < g1) {  // the odd last group
+        const uint32_t bits = meta[g / 2];
+        acc.fma(0, w + 2 * g, tile + (4 * g + (bits & 3)) * kWidth);
+        acc.fma(1, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
+      }
+      acc.reduce_to(row_partial);
     }
-    TileAccumulators<kVectors, 4> acc;
-    acc.zero();
-    // A meta byte covers 2 groups = 8 columns and 4 stored values, one per accumulator set.
-    for (int64_t b = 0; b < groups / 2; ++b) {
-      const uint32_t bits = meta[b];
-      const float* x8 = tile + 8 * b * kWidth;
-      acc.fma(0, w + 4 * b, x8 + (bits & 3) * kWidth);
-      acc.fma(1, w + 4 * b + 1, x8 + ((bits >> 2) & 3) * kWidth);
-      acc.fma(2, w + 4 * b + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
-      acc.fma(3, w + 4 * b + 3, x8 + (4 + (bits >> 6)) * kWidth);
-    }
-    if (groups % 2) {
-      const int64_t g = groups - 1;
-      const uint32_t bits = meta[g / 2];
-      acc.fma(0, w + 2 * g, tile + (4 * g + (bits & 3)) * kWidth);
-      acc.fma(1, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
-    }
-    acc.reduce_to(result);
-    return true;
-  });
+  }
+  store_partials(p.epilogue, partial, kWidth, n_begin, n_end, m0, std::min<int64_t>(p.x.m - m0, kWidth));
 }
 
 }  // namespace
@@ -117,11 +127,11 @@ void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_
 }
 
 void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
-                             int64_t n_end, float* values_f32) {
+                             int64_t n_end, float* partial, float* values_f32) {
   if (width == kTileWidthLarge) {
-    sparse24_tile_rows<2>(p, m0, n_begin, n_end, values_f32);
+    sparse24_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32);
   } else {
-    sparse24_tile_rows<1>(p, m0, n_begin, n_end, values_f32);
+    sparse24_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
   }
 }
 

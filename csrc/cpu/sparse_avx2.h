@@ -73,6 +73,12 @@ struct TileAccumulators {
     for (int s = 0; s < kSets; ++s)
       for (int t = 0; t < kVectors; ++t) v[s][t] = _mm256_setzero_ps();
   }
+  // Continues the partial sums of earlier K blocks (none when first).
+  SPARSEQ_AVX2 void start(const float* partial, bool first) {
+    zero();
+    if (!first)
+      for (int t = 0; t < kVectors; ++t) v[0][t] = _mm256_loadu_ps(partial + 8 * t);
+  }
   // acc[set] += value * x_tiles row (x_row points at that row of the tile).
   SPARSEQ_AVX2 void fma(int set, const float* value, const float* x_row) {
     const __m256 w = _mm256_broadcast_ss(value);
@@ -102,6 +108,19 @@ SPARSEQ_AVX2 inline bool for_row_blocks(const SparseEpilogue& ep, int64_t n_begi
     store_result_block(ep, block, n0, count, m0, m_count);
   }
   return true;
+}
+
+// The tile kernels walk K in blocks of kTileKBlock columns (the block of the x tile, 16 KiB at
+// width 16, stays in L1) over all their output rows, keeping each row's partial sums in
+// `partial` [rows][width]; this stores them through the epilogue at the end.
+constexpr int64_t kTileKBlock = 256;
+
+SPARSEQ_AVX2 inline void store_partials(const SparseEpilogue& ep, const float* partial, int64_t width,
+                                        int64_t n_begin, int64_t n_end, int64_t m0, int64_t m_count) {
+  for_row_blocks(ep, n_begin, n_end, m0, m_count, [&](int64_t n, float* result) {
+    for (int64_t i = 0; i < width; ++i) result[i] = partial[(n - n_begin) * width + i];
+    return true;
+  });
 }
 
 }  // namespace sparseq::cpu::avx2

@@ -3,6 +3,7 @@
 // csr_decode_row). Tiles (many x rows): every
 // nonzero is one broadcast + FMAs against the x_tiles row of its column, which lies inside the
 // current 256-column segment (256 x 64 bytes of a 16-wide tile: L1/L2 resident).
+#include <algorithm>
 #include <cmath>
 
 #include "sparse_avx2.h"
@@ -51,46 +52,42 @@ bool csr_decode_row(const CsrProblem& p, int64_t n, float* values_f32, float* re
   return true;
 }
 
-// One output row against one tile: acc over the row's segments, reduced into result.
+// Tile rows, one 256-column segment (= K block) at a time across all rows (see store_partials).
 template <int kVectors>
-bool csr_tile_row(const CsrProblem& p, const float* tile, int64_t n, float* values_f32, float* result) SPARSEQ_AVX2;
+bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
+                   float* values_f32) SPARSEQ_AVX2;
 template <int kVectors>
-bool csr_tile_row(const CsrProblem& p, const float* tile, int64_t n, float* values_f32, float* result) {
+bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
+                   float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
   constexpr int kSets = 4;
-  if (!row_segments_valid(p, n)) return false;
-  const int32_t* ptr = p.seg_ptr + n * p.segments;
-  const int64_t start = ptr[0];
-  const float* values = static_cast<const float*>(p.values) + start;
-  if (p.value_type != ValueType::kFloat32) {
-    widen_values(p.values, p.value_type, start, ptr[p.segments] - start, values_f32);
-    values = values_f32;
-  }
-  TileAccumulators<kVectors, kSets> acc;
-  acc.zero();
+  static_assert(kTileKBlock == kCsrSegment);
+  for (int64_t n = n_begin; n < n_end; ++n)
+    if (!row_segments_valid(p, n)) return false;
+  const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
   for (int64_t s = 0; s < p.segments; ++s) {
     const float* segment = tile + s * kCsrSegment * kWidth;
-    const uint8_t* offsets = p.col_offsets + ptr[s];
-    const float* w = values + (ptr[s] - start);
-    const int64_t count = ptr[s + 1] - ptr[s];
-    int64_t e = 0;
-    for (; e + kSets <= count; e += kSets)
-      for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, segment + offsets[e + set] * kWidth);
-    for (; e < count; ++e) acc.fma(0, w + e, segment + offsets[e] * kWidth);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      const int32_t* ptr = p.seg_ptr + n * p.segments + s;
+      const int64_t begin = ptr[0], count = ptr[1] - ptr[0];
+      const uint8_t* offsets = p.col_offsets + begin;
+      const float* w = static_cast<const float*>(p.values) + begin;
+      if (p.value_type != ValueType::kFloat32) {
+        widen_values(p.values, p.value_type, begin, count, values_f32);
+        w = values_f32;
+      }
+      float* row_partial = partial + (n - n_begin) * kWidth;
+      TileAccumulators<kVectors, kSets> acc;
+      acc.start(row_partial, s == 0);
+      int64_t e = 0;
+      for (; e + kSets <= count; e += kSets)
+        for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, segment + offsets[e + set] * kWidth);
+      for (; e < count; ++e) acc.fma(0, w + e, segment + offsets[e] * kWidth);
+      acc.reduce_to(row_partial);
+    }
   }
-  acc.reduce_to(result);
+  store_partials(p.epilogue, partial, kWidth, n_begin, n_end, m0, std::min<int64_t>(p.x.m - m0, kWidth));
   return true;
-}
-
-template <int kVectors>
-bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* values_f32) SPARSEQ_AVX2;
-template <int kVectors>
-bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* values_f32) {
-  const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
-  const int64_t m_count = p.x.m - m0 < 8 * kVectors ? p.x.m - m0 : 8 * kVectors;
-  return for_row_blocks(p.epilogue, n_begin, n_end, m0, m_count, [&](int64_t n, float* result) SPARSEQ_AVX2 {
-    return csr_tile_row<kVectors>(p, tile, n, values_f32, result);
-  });
 }
 
 }  // namespace
@@ -102,9 +99,9 @@ bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, f
 }
 
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
-                        float* values_f32) {
-  return width == kTileWidthLarge ? csr_tile_rows<2>(p, m0, n_begin, n_end, values_f32)
-                                  : csr_tile_rows<1>(p, m0, n_begin, n_end, values_f32);
+                        float* partial, float* values_f32) {
+  return width == kTileWidthLarge ? csr_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32)
+                                  : csr_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
 }
 
 }  // namespace sparseq::cpu

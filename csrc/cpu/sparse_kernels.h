@@ -79,13 +79,14 @@ constexpr int64_t kTileWidthLarge = 16;
 // range are then unspecified, and nothing outside the inputs was read.
 // `values_f32` scratch holds k_pad floats (a row's values widened once).
 bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, float* values_f32);
-// Tile [m0, m0 + width) with width kTileWidthSmall or kTileWidthLarge.
+// Tile [m0, m0 + width) with width kTileWidthSmall or kTileWidthLarge. Scratch: `partial` holds
+// (n_end - n_begin) * width floats, `values_f32` kTileValueScratch.
+constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
-                        float* values_f32);
+                        float* partial, float* values_f32);
 
 void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_t n_end);
-// `values_f32` scratch holds 2 * groups floats.
 void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
-                             int64_t n_end, float* values_f32);
+                             int64_t n_end, float* partial, float* values_f32);
 
 }  // namespace sparseq::cpu
