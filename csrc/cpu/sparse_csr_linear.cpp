@@ -70,8 +70,9 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
     });
   } else if (use_avx2) {
     ok = parallel_rows(n, [&](int64_t n0, int64_t n1) {
+      std::vector<int32_t> columns(p.x.k_pad + 32);
       std::vector<float> values_f32(p.x.k_pad);
-      return csr_decode_rows_avx2(p, n0, n1, values_f32.data());
+      return csr_decode_rows_avx2(p, n0, n1, columns.data(), values_f32.data());
     });
   } else {
     ok = parallel_rows(n, [&](int64_t n0, int64_t n1) { return csr_rows_portable(p, n0, n1); });

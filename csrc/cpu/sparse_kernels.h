@@ -77,8 +77,10 @@ constexpr int64_t kTileWidthLarge = 16;
 // Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
 // (negative, decreasing, past nnz, or a segment of more than 256 entries); the outputs of that
 // range are then unspecified, and nothing outside the inputs was read.
-// `values_f32` scratch holds k_pad floats (a row's values widened once).
-bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, float* values_f32);
+// Scratch: `columns` k_pad + 32 int32 (a row's absolute columns), `values_f32` k_pad floats (its
+// values widened).
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns,
+                          float* values_f32);
 // Tile [m0, m0 + width) with width kTileWidthSmall or kTileWidthLarge. Scratch: `partial` holds
 // (n_end - n_begin) * width floats, `values_f32` kTileValueScratch.
 constexpr int64_t kTileValueScratch = 256;
