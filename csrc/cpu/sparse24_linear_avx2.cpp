@@ -69,7 +69,8 @@ void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_e
   });
 }
 
-// Tile rows, one K block of 64 groups (256 columns) at a time across all rows (see store_partials).
+// Tile rows, one K block at a time across all rows (see store_partials): every row reads about
+// half of the tile's rows in a block, so the block is sized to stay in L1 (16 KiB).
 template <int kVectors>
 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                         float* values_f32) SPARSEQ_AVX2;
@@ -77,7 +78,8 @@ template <int kVectors>
 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                         float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
-  constexpr int64_t kBlockGroups = kTileKBlock / 4;
+  constexpr int64_t kBlockGroups = 16 * 1024 / (4 * kWidth * sizeof(float));
+  constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
   const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
   const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
   for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
@@ -92,7 +94,7 @@ void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, i
       }
       w -= 2 * g0;  // indexed by group below
       float* row_partial = partial + (n - n_begin) * kWidth;
-      TileAccumulators<kVectors, 4> acc;
+      TileAccumulators<kVectors, kSets> acc;
       acc.start(row_partial, g0 == 0);
       // A meta byte covers 2 groups = 8 columns and 4 stored values, one per accumulator set.
       int64_t g = g0;
@@ -101,8 +103,8 @@ void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, i
         const float* x8 = tile + 4 * g * kWidth;
         acc.fma(0, w + 2 * g, x8 + (bits & 3) * kWidth);
         acc.fma(1, w + 2 * g + 1, x8 + ((bits >> 2) & 3) * kWidth);
-        acc.fma(2, w + 2 * g + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
-        acc.fma(3, w + 2 * g + 3, x8 + (4 + (bits >> 6)) * kWidth);
+        acc.fma(2 % kSets, w + 2 * g + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
+        acc.fma(3 % kSets, w + 2 * g + 3, x8 + (4 + (bits >> 6)) * kWidth);
       }
       if (g < g1) {  // the odd last group
         const uint32_t bits = meta[g / 2];
@@ -128,10 +130,10 @@ void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_
 
 void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
                              int64_t n_end, float* partial, float* values_f32) {
-  if (width == kTileWidthLarge) {
-    sparse24_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32);
-  } else {
-    sparse24_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
+  switch (width) {
+    case kTileWidthLarge: return sparse24_tile_rows<4>(p, m0, n_begin, n_end, partial, values_f32);
+    case kTileWidthMedium: return sparse24_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32);
+    default: return sparse24_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
   }
 }
 

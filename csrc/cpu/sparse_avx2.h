@@ -42,10 +42,10 @@ SPARSEQ_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Results of up to 8 consecutive output rows n0.. for up to 16 activation rows m0..:
+// Results of up to 8 consecutive output rows n0.. for up to 32 activation rows m0..:
 // block[j][i] = acc of (m0 + i, n0 + j). Stored transposed, 8 outputs of one x row at a time.
 struct ResultBlock {
-  alignas(32) float acc[8][16];
+  alignas(32) float acc[8][32];
 };
 
 SPARSEQ_AVX2 inline void store_result_block(const SparseEpilogue& ep, const ResultBlock& block, int64_t n0,
@@ -53,7 +53,7 @@ SPARSEQ_AVX2 inline void store_result_block(const SparseEpilogue& ep, const Resu
   const __m256i mask = first_lanes_mask(n_count);
   const __m256 scale = ep.w_scale != nullptr ? _mm256_maskload_ps(ep.w_scale + n0, mask) : _mm256_set1_ps(1.0f);
   const __m256 bias = ep.bias != nullptr ? _mm256_maskload_ps(ep.bias + n0, mask) : _mm256_setzero_ps();
-  const __m256i row_stride = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);
+  const __m256i row_stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
   for (int64_t i = 0; i < m_count; ++i) {
     __m256 out = _mm256_i32gather_ps(&block.acc[0][i], row_stride, 4);
     if (ep.w_scale != nullptr) out = _mm256_mul_ps(out, scale);
@@ -110,10 +110,9 @@ SPARSEQ_AVX2 inline bool for_row_blocks(const SparseEpilogue& ep, int64_t n_begi
   return true;
 }
 
-// The tile kernels walk K in blocks of kTileKBlock columns (the block of the x tile, 16 KiB at
-// width 16, stays in L1) over all their output rows, keeping each row's partial sums in
-// `partial` [rows][width]; this stores them through the epilogue at the end.
-constexpr int64_t kTileKBlock = 256;
+// The tile kernels walk K in blocks (whose part of the x tile stays in L1 or L2) over all their
+// output rows, keeping each row's partial sums in `partial` [rows][width]; this stores them
+// through the epilogue at the end.
 
 SPARSEQ_AVX2 inline void store_partials(const SparseEpilogue& ep, const float* partial, int64_t width,
                                         int64_t n_begin, int64_t n_end, int64_t m0, int64_t m_count) {

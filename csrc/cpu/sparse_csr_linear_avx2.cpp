@@ -77,7 +77,15 @@ bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* val
   return true;
 }
 
-// Tile rows, one 256-column segment (= K block) at a time across all rows (see store_partials).
+// Segments per K block of the tile kernel. A 90%-sparse row touches ~10% of the x tile's rows, so
+// whole rows (the weight streamed in order) run fastest; denser rows touch most of the tile and
+// run fastest with its 4-segment block (64 KiB at width 16) kept close.
+inline int64_t csr_block_segments(const CsrProblem& p) {
+  const double density = static_cast<double>(p.nnz) / static_cast<double>(p.n * p.segments * kCsrSegment);
+  return density < 0.15 ? p.segments : 4;
+}
+
+// Tile rows, K block by K block across all rows (see store_partials).
 template <int kVectors>
 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                    float* values_f32) SPARSEQ_AVX2;
@@ -85,29 +93,32 @@ template <int kVectors>
 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                    float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
-  constexpr int kSets = 4;
-  static_assert(kTileKBlock == kCsrSegment);
+  constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
   for (int64_t n = n_begin; n < n_end; ++n)
     if (!row_segments_valid(p, n)) return false;
   const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
-  for (int64_t s = 0; s < p.segments; ++s) {
-    const float* segment = tile + s * kCsrSegment * kWidth;
+  const int64_t block_segments = csr_block_segments(p);
+  for (int64_t s0 = 0; s0 < p.segments; s0 += block_segments) {
+    const int64_t s1 = std::min(p.segments, s0 + block_segments);
     for (int64_t n = n_begin; n < n_end; ++n) {
-      const int32_t* ptr = p.seg_ptr + n * p.segments + s;
-      const int64_t begin = ptr[0], count = ptr[1] - ptr[0];
-      const uint8_t* offsets = p.col_offsets + begin;
-      const float* w = static_cast<const float*>(p.values) + begin;
-      if (p.value_type != ValueType::kFloat32) {
-        widen_values(p.values, p.value_type, begin, count, values_f32);
-        w = values_f32;
-      }
       float* row_partial = partial + (n - n_begin) * kWidth;
       TileAccumulators<kVectors, kSets> acc;
-      acc.start(row_partial, s == 0);
-      int64_t e = 0;
-      for (; e + kSets <= count; e += kSets)
-        for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, segment + offsets[e + set] * kWidth);
-      for (; e < count; ++e) acc.fma(0, w + e, segment + offsets[e] * kWidth);
+      acc.start(row_partial, s0 == 0);
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* segment = tile + s * kCsrSegment * kWidth;
+        const int32_t* ptr = p.seg_ptr + n * p.segments + s;
+        const int64_t begin = ptr[0], count = ptr[1] - ptr[0];
+        const uint8_t* offsets = p.col_offsets + begin;
+        const float* w = static_cast<const float*>(p.values) + begin;
+        if (p.value_type != ValueType::kFloat32) {
+          widen_values(p.values, p.value_type, begin, count, values_f32);
+          w = values_f32;
+        }
+        int64_t e = 0;
+        for (; e + kSets <= count; e += kSets)
+          for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, segment + offsets[e + set] * kWidth);
+        for (; e < count; ++e) acc.fma(0, w + e, segment + offsets[e] * kWidth);
+      }
       acc.reduce_to(row_partial);
     }
   }
@@ -126,8 +137,11 @@ bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, i
 
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                         float* partial, float* values_f32) {
-  return width == kTileWidthLarge ? csr_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32)
-                                  : csr_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
+  switch (width) {
+    case kTileWidthLarge: return csr_tile_rows<4>(p, m0, n_begin, n_end, partial, values_f32);
+    case kTileWidthMedium: return csr_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32);
+    default: return csr_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
+  }
 }
 
 }  // namespace sparseq::cpu

@@ -16,7 +16,7 @@ enum class ValueType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 
 // no index of a well-formed layout (uint8 offset inside its segment, 2-bit position inside its
 // group) can read outside them:
 //   rows:  x_rows [m, k_pad] row-major (few-row "decode" kernels: gather / permute from a row);
-//   tiles: x_tiles, the transpose cut into column tiles of 8 or 16 rows of x: the tile of rows
+//   tiles: x_tiles, the transpose cut into column tiles of 8, 16 or 32 rows of x: the tile of rows
 //          m0 .. m0 + width - 1 (m0 a multiple of 8) lives at x_tiles + m0 * k_pad as
 //          [k_pad][width], rows past m zero. Every nonzero w[n, k] then costs one broadcast and
 //          width / 8 FMAs against the contiguous x_tiles row k (the many-row kernels).
@@ -72,7 +72,8 @@ constexpr int64_t kSparse24DecodeMaxRows = 4;
 
 // Tile widths (rows of x per tile) the tile kernels accept.
 constexpr int64_t kTileWidthSmall = 8;
-constexpr int64_t kTileWidthLarge = 16;
+constexpr int64_t kTileWidthMedium = 16;
+constexpr int64_t kTileWidthLarge = 32;
 
 // Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
 // (negative, decreasing, past nnz, or a segment of more than 256 entries); the outputs of that
@@ -81,7 +82,7 @@ constexpr int64_t kTileWidthLarge = 16;
 // values widened).
 bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns,
                           float* values_f32);
-// Tile [m0, m0 + width) with width kTileWidthSmall or kTileWidthLarge. Scratch: `partial` holds
+// Tile [m0, m0 + width), width one of kTileWidth*. Scratch: `partial` holds
 // (n_end - n_begin) * width floats, `values_f32` kTileValueScratch.
 constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,

@@ -68,22 +68,30 @@ inline at::Tensor activation_rows(const at::Tensor& x, int64_t k_pad) {
   return rows;
 }
 
-// Tiles of x rows the tile kernels take: 16 wide, the last one 8 wide when 8 rows cover the rest.
+// Tiles of x rows the tile kernels take: 32 wide while 32 rows remain, then 16 and/or 8 wide
+// (at most 7 padding rows wasted, except 9..15 left over).
 template <typename Fn>
 void for_each_tile(int64_t m, const Fn& fn) {
-  for (int64_t m0 = 0; m0 < m; m0 += kTileWidthLarge)
-    fn(m0, m - m0 <= kTileWidthSmall ? kTileWidthSmall : kTileWidthLarge);
+  for (int64_t m0 = 0; m0 < m;) {
+    const int64_t left = m - m0;
+    const int64_t width = left >= kTileWidthLarge    ? kTileWidthLarge
+                          : left > kTileWidthSmall ? kTileWidthMedium
+                                                   : kTileWidthSmall;
+    fn(m0, width);
+    m0 += width;
+  }
 }
 
 // x_tiles (see SparseActivations): the transpose of x cut into tiles, zero padded.
 inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad) {
   const int64_t m = x.size(0), k = x.size(1);
   const at::Tensor xf = x.to(at::kFloat);
-  at::Tensor tiles = at::empty({(m + 7) / 8 * 8 * k_pad}, x.options().dtype(at::kFloat));
-  const float* src = xf.const_data_ptr<float>();
-  float* dst = tiles.mutable_data_ptr<float>();
   std::vector<std::pair<int64_t, int64_t>> list;
   for_each_tile(m, [&](int64_t m0, int64_t width) { list.emplace_back(m0, width); });
+  const int64_t padded_rows = list.back().first + list.back().second;
+  at::Tensor tiles = at::empty({padded_rows * k_pad}, x.options().dtype(at::kFloat));
+  const float* src = xf.const_data_ptr<float>();
+  float* dst = tiles.mutable_data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(list.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const auto [m0, width] = list[t];
