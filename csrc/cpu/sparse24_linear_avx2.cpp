@@ -84,7 +84,14 @@ void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, i
   const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
   for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
     const int64_t g1 = std::min(groups, g0 + kBlockGroups);
+    const int64_t value_bytes = p.value_type == ValueType::kFloat32 ? 4 : p.value_type == ValueType::kInt8 ? 1 : 2;
     for (int64_t n = n_begin; n < n_end; ++n) {
+      if (n + kPrefetchRows < n_end) {
+        const int64_t ahead = n + kPrefetchRows;
+        prefetch_bytes(static_cast<const char*>(p.values) + (ahead * 2 * groups + 2 * g0) * value_bytes,
+                       2 * (g1 - g0) * value_bytes);
+        prefetch_bytes(p.meta + ahead * meta_bytes + g0 / 2, (g1 - g0 + 1) / 2);
+      }
       const uint8_t* meta = p.meta + n * meta_bytes;
       const int64_t value_begin = n * 2 * groups + 2 * g0;
       const float* w = static_cast<const float*>(p.values) + value_begin;

@@ -110,6 +110,15 @@ SPARSEQ_AVX2 inline bool for_row_blocks(const SparseEpilogue& ep, int64_t n_begi
   return true;
 }
 
+// Rows a tile kernel prefetches ahead: its K-block walk jumps from row to row, which the hardware
+// prefetchers (they stop at 4 KiB pages) do not follow.
+constexpr int64_t kPrefetchRows = 4;
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 // The tile kernels walk K in blocks (whose part of the x tile stays in L1 or L2) over all their
 // output rows, keeping each row's partial sums in `partial` [rows][width]; this stores them
 // through the epilogue at the end.

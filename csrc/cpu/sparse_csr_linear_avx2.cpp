@@ -100,7 +100,14 @@ bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_e
   const int64_t block_segments = csr_block_segments(p);
   for (int64_t s0 = 0; s0 < p.segments; s0 += block_segments) {
     const int64_t s1 = std::min(p.segments, s0 + block_segments);
+    const int64_t value_bytes = p.value_type == ValueType::kFloat32 ? 4 : p.value_type == ValueType::kInt8 ? 1 : 2;
     for (int64_t n = n_begin; n < n_end; ++n) {
+      if (s1 - s0 < p.segments && n + kPrefetchRows < n_end) {
+        const int32_t* ahead = p.seg_ptr + (n + kPrefetchRows) * p.segments;
+        prefetch_bytes(static_cast<const char*>(p.values) + ahead[s0] * value_bytes,
+                       (ahead[s1] - ahead[s0]) * value_bytes);
+        prefetch_bytes(p.col_offsets + ahead[s0], ahead[s1] - ahead[s0]);
+      }
       float* row_partial = partial + (n - n_begin) * kWidth;
       TileAccumulators<kVectors, kSets> acc;
       acc.start(row_partial, s0 == 0);
