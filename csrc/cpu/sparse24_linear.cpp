@@ -42,15 +42,11 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   p.value_type = value_type_of(values);
   p.n = n;
   p.groups = sparse24_groups(x.size(1));
-  p.x.k_pad = sparse24_k_pad(p.groups);
-  p.x.m = m;
   const at::Tensor bias_f32 = bias_as_float(bias);
   p.epilogue = make_epilogue(out, w_scale, bias_f32);
-
   const bool use_avx2 = cpu_has_avx2_fma();
   const bool tiles = use_avx2 && m > kSparse24DecodeMaxRows;
-  const at::Tensor x_form = tiles ? activation_tiles(x, p.x.k_pad) : activation_rows(x, p.x.k_pad);
-  (tiles ? p.x.x_tiles : p.x.x_rows) = x_form.const_data_ptr<float>();
+  const at::Tensor x_storage = prepare_activations(x, sparse24_k_pad(p.groups), tiles, p.x);
 
   parallel_rows(n, [&](int64_t n0, int64_t n1) {
     if (tiles) {

@@ -30,9 +30,7 @@ SPARSEQ_AVX2 inline __m256 pick_x(const float* x16, __m256i positions) {
 }
 
 template <int kRows>
-void sparse24_decode_row(const Sparse24Problem& p, int64_t n, float* result) SPARSEQ_AVX2;
-template <int kRows>
-void sparse24_decode_row(const Sparse24Problem& p, int64_t n, float* result) {
+SPARSEQ_AVX2 void sparse24_decode_row(const Sparse24Problem& p, int64_t n, float* result) {
   const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
   const uint8_t* meta = p.meta + n * meta_bytes;
   const int64_t value_base = n * 2 * groups;
@@ -60,9 +58,7 @@ void sparse24_decode_row(const Sparse24Problem& p, int64_t n, float* result) {
 }
 
 template <int kRows>
-void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_end) SPARSEQ_AVX2;
-template <int kRows>
-void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_end) {
+SPARSEQ_AVX2 void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_end) {
   for_row_blocks(p.epilogue, n_begin, n_end, 0, kRows, [&](int64_t n, float* result) SPARSEQ_AVX2 {
     sparse24_decode_row<kRows>(p, n, result);
     return true;
@@ -72,11 +68,8 @@ void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin, int64_t n_e
 // Tile rows, one K block at a time across all rows (see store_partials): every row reads about
 // half of the tile's rows in a block, so the block is sized to stay in L1 (16 KiB).
 template <int kVectors>
-void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
-                        float* values_f32) SPARSEQ_AVX2;
-template <int kVectors>
-void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
-                        float* values_f32) {
+SPARSEQ_AVX2 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end,
+                                     float* partial, float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
   constexpr int64_t kBlockGroups = 16 * 1024 / (4 * kWidth * sizeof(float));
   constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
@@ -84,12 +77,12 @@ void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, i
   const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
   for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
     const int64_t g1 = std::min(groups, g0 + kBlockGroups);
-    const int64_t value_bytes = p.value_type == ValueType::kFloat32 ? 4 : p.value_type == ValueType::kInt8 ? 1 : 2;
+    const int64_t bytes = value_bytes(p.value_type);
     for (int64_t n = n_begin; n < n_end; ++n) {
       if (n + kPrefetchRows < n_end) {
         const int64_t ahead = n + kPrefetchRows;
-        prefetch_bytes(static_cast<const char*>(p.values) + (ahead * 2 * groups + 2 * g0) * value_bytes,
-                       2 * (g1 - g0) * value_bytes);
+        prefetch_bytes(static_cast<const char*>(p.values) + (ahead * 2 * groups + 2 * g0) * bytes,
+                       2 * (g1 - g0) * bytes);
         prefetch_bytes(p.meta + ahead * meta_bytes + g0 / 2, (g1 - g0 + 1) / 2);
       }
       const uint8_t* meta = p.meta + n * meta_bytes;

@@ -48,15 +48,11 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
   p.nnz = values.numel();
   p.n = n;
   p.segments = csr_segments(x.size(1));
-  p.x.k_pad = csr_k_pad(p.segments);
-  p.x.m = m;
   const at::Tensor bias_f32 = bias_as_float(bias);
   p.epilogue = make_epilogue(out, w_scale, bias_f32);
-
   const bool use_avx2 = cpu_has_avx2_fma();
   const bool tiles = use_avx2 && m > kCsrDecodeMaxRows;
-  const at::Tensor x_form = tiles ? activation_tiles(x, p.x.k_pad) : activation_rows(x, p.x.k_pad);
-  (tiles ? p.x.x_tiles : p.x.x_rows) = x_form.const_data_ptr<float>();
+  const at::Tensor x_storage = prepare_activations(x, csr_k_pad(p.segments), tiles, p.x);
 
   bool ok;
   if (tiles) {

@@ -56,8 +56,7 @@ SPARSEQ_AVX2 inline void expand_row_columns(const CsrProblem& p, int64_t n, int3
 
 // One x row: x (16 KiB at K=4096) stays in L1, so plain loads per nonzero beat vgatherdps,
 // which is microcoded and slow on the AMD cores this was tuned on. Four chains hide FMA latency.
-bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* values_f32, float* result) SPARSEQ_AVX2;
-bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* values_f32, float* result) {
+SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* values_f32, float* result) {
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0], count = ptr[p.segments] - start;
@@ -87,11 +86,8 @@ inline int64_t csr_block_segments(const CsrProblem& p) {
 
 // Tile rows, K block by K block across all rows (see store_partials).
 template <int kVectors>
-bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
-                   float* values_f32) SPARSEQ_AVX2;
-template <int kVectors>
-bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
-                   float* values_f32) {
+SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
+                                float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
   constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
   for (int64_t n = n_begin; n < n_end; ++n)
@@ -100,12 +96,12 @@ bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_e
   const int64_t block_segments = csr_block_segments(p);
   for (int64_t s0 = 0; s0 < p.segments; s0 += block_segments) {
     const int64_t s1 = std::min(p.segments, s0 + block_segments);
-    const int64_t value_bytes = p.value_type == ValueType::kFloat32 ? 4 : p.value_type == ValueType::kInt8 ? 1 : 2;
+    const int64_t bytes = value_bytes(p.value_type);
     for (int64_t n = n_begin; n < n_end; ++n) {
       if (s1 - s0 < p.segments && n + kPrefetchRows < n_end) {
         const int32_t* ahead = p.seg_ptr + (n + kPrefetchRows) * p.segments;
-        prefetch_bytes(static_cast<const char*>(p.values) + ahead[s0] * value_bytes,
-                       (ahead[s1] - ahead[s0]) * value_bytes);
+        prefetch_bytes(static_cast<const char*>(p.values) + ahead[s0] * bytes,
+                       (ahead[s1] - ahead[s0]) * bytes);
         prefetch_bytes(p.col_offsets + ahead[s0], ahead[s1] - ahead[s0]);
       }
       float* row_partial = partial + (n - n_begin) * kWidth;

@@ -12,6 +12,10 @@ namespace sparseq::cpu {
 // Element type of stored sparse values; kInt8 codes are scaled by w_scale[n] in the epilogue.
 enum class ValueType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
+inline int64_t value_bytes(ValueType t) {
+  return t == ValueType::kFloat32 ? 4 : t == ValueType::kInt8 ? 1 : 2;
+}
+
 // Every kernel reads fp32 activations in one of two forms, both zero padded to k_pad columns so
 // no index of a well-formed layout (uint8 offset inside its segment, 2-bit position inside its
 // group) can read outside them:

@@ -109,6 +109,16 @@ inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad) {
   return tiles;
 }
 
+// The activations for the kernels: x_rows for the portable loops and for M <= decode_max_rows,
+// else x_tiles. Returns the tensor that holds them (keep it alive while the kernels run).
+inline at::Tensor prepare_activations(const at::Tensor& x, int64_t k_pad, bool tiles, SparseActivations& act) {
+  act.k_pad = k_pad;
+  act.m = x.size(0);
+  at::Tensor storage = tiles ? activation_tiles(x, k_pad) : activation_rows(x, k_pad);
+  (tiles ? act.x_tiles : act.x_rows) = storage.const_data_ptr<float>();
+  return storage;
+}
+
 // Calls fn(n_begin, n_end) over chunks of output rows (multiples of 8) claimed from a shared
 // counter, so a thread slowed by another process does not hold up the rest. Returns false if any
 // call did.
@@ -116,7 +126,8 @@ template <typename Fn>
 bool parallel_rows(int64_t n, const Fn& fn) {
   if (n <= 0) return true;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(8, (n + threads * kChunksPerThread - 1) / (threads * kChunksPerThread) / 8 * 8);
+  const int64_t chunks = threads * kChunksPerThread;
+  const int64_t chunk = std::max<int64_t>(8, (n + chunks - 1) / chunks / 8 * 8);
   const int64_t tasks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next_task{0};
   std::atomic<bool> ok{true};
