@@ -5,6 +5,7 @@
 // current 256-column segment (256 x 64 bytes of a 16-wide tile: L1/L2 resident).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "sparse_avx2.h"
 
@@ -54,8 +55,31 @@ SPARSEQ_AVX2 inline void expand_row_columns(const CsrProblem& p, int64_t n, int3
   }
 }
 
-// One x row: x (16 KiB at K=4096) stays in L1, so plain loads per nonzero beat vgatherdps,
-// which is microcoded and slow on the AMD cores this was tuned on. Four chains hide FMA latency.
+// x[columns[0..8)] as one vector, from scalar loads merged with vinsertps: vgatherdps is
+// microcoded and several times slower on the AMD cores this was tuned on, and one vector FMA per 8
+// nonzeros leaves the load ports to x (a scalar FMA per nonzero needs 3 loads each). Two columns
+// come from one 64-bit load.
+SPARSEQ_AVX2 inline __m256 load8_at(const float* x, const int32_t* columns) {
+  uint64_t p0, p1, p2, p3;
+  std::memcpy(&p0, columns, 8);
+  std::memcpy(&p1, columns + 2, 8);
+  std::memcpy(&p2, columns + 4, 8);
+  std::memcpy(&p3, columns + 6, 8);
+  const uint64_t pair[4] = {p0, p1, p2, p3};
+  auto at = [&](int j) SPARSEQ_AVX2 {
+    return _mm_load_ss(x + static_cast<uint32_t>(j % 2 ? pair[j / 2] >> 32 : pair[j / 2]));
+  };
+  __m128 low = at(0), high = at(4);
+  low = _mm_insert_ps(low, at(1), 0x10);
+  high = _mm_insert_ps(high, at(5), 0x10);
+  low = _mm_insert_ps(low, at(2), 0x20);
+  high = _mm_insert_ps(high, at(6), 0x20);
+  low = _mm_insert_ps(low, at(3), 0x30);
+  high = _mm_insert_ps(high, at(7), 0x30);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
+}
+
+// One x row (16 KiB at K=4096, in L1).
 SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* values_f32, float* result) {
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
@@ -67,12 +91,19 @@ SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* column
   }
   expand_row_columns(p, n, columns);
   const float* x = p.x.x_rows;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t e = 0;
-  for (; e + 4 <= count; e += 4)
-    for (int j = 0; j < 4; ++j) acc[j] = std::fma(w[e + j], x[columns[e + j]], acc[j]);
-  for (; e < count; ++e) acc[0] = std::fma(w[e], x[columns[e]], acc[0]);
-  result[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; e + 16 <= count; e += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + e), load8_at(x, columns + e), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + e + 8), load8_at(x, columns + e + 8), acc1);
+  }
+  if (e + 8 <= count) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + e), load8_at(x, columns + e), acc0);
+    e += 8;
+  }
+  float tail = 0.0f;
+  for (; e < count; ++e) tail = std::fma(w[e], x[columns[e]], tail);
+  result[0] = horizontal_sum(_mm256_add_ps(acc0, acc1)) + tail;
   return true;
 }
 
