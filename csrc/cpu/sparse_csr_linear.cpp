@@ -57,7 +57,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
   bool ok;
   if (tiles) {
     ok = parallel_rows(n, [&](int64_t n0, int64_t n1) {
-      std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(kTileValueScratch);
+      std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(p.x.k_pad);
       bool chunk_ok = true;
       for_each_tile(m, [&](int64_t m0, int64_t width) {
         chunk_ok = chunk_ok && csr_tile_rows_avx2(p, m0, width, n0, n1, partial.data(), values_f32.data());

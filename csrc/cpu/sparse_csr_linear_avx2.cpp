@@ -138,16 +138,18 @@ SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin
       float* row_partial = partial + (n - n_begin) * kWidth;
       TileAccumulators<kVectors, kSets> acc;
       acc.start(row_partial, s0 == 0);
+      // The block's entries are contiguous: widen them once.
+      const int32_t* row_ptr = p.seg_ptr + n * p.segments;
+      const float* block_values = static_cast<const float*>(p.values) + row_ptr[s0];
+      if (p.value_type != ValueType::kFloat32) {
+        widen_values(p.values, p.value_type, row_ptr[s0], row_ptr[s1] - row_ptr[s0], values_f32);
+        block_values = values_f32;
+      }
       for (int64_t s = s0; s < s1; ++s) {
         const float* segment = tile + s * kCsrSegment * kWidth;
-        const int32_t* ptr = p.seg_ptr + n * p.segments + s;
-        const int64_t begin = ptr[0], count = ptr[1] - ptr[0];
+        const int64_t begin = row_ptr[s], count = row_ptr[s + 1] - row_ptr[s];
         const uint8_t* offsets = p.col_offsets + begin;
-        const float* w = static_cast<const float*>(p.values) + begin;
-        if (p.value_type != ValueType::kFloat32) {
-          widen_values(p.values, p.value_type, begin, count, values_f32);
-          w = values_f32;
-        }
+        const float* w = block_values + (begin - row_ptr[s0]);
         int64_t e = 0;
         for (; e + kSets <= count; e += kSets)
           for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, segment + offsets[e + set] * kWidth);

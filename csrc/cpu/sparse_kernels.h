@@ -87,7 +87,7 @@ constexpr int64_t kTileWidthLarge = 32;
 bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns,
                           float* values_f32);
 // Tile [m0, m0 + width), width one of kTileWidth*. Scratch: `partial` holds
-// (n_end - n_begin) * width floats, `values_f32` kTileValueScratch.
+// (n_end - n_begin) * width floats, `values_f32` k_pad floats (CSR) or kTileValueScratch (2:4).
 constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                         float* partial, float* values_f32);
