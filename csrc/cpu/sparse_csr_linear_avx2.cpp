@@ -26,13 +26,14 @@ inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
   return true;
 }
 
-// Writes row n's absolute columns to columns[0 .. row count). Every segment is expanded 32
-// entries at a time, the first 32 unconditionally (the next segment overwrites the excess), so a
-// typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
-SPARSEQ_AVX2 inline void expand_row_columns(const CsrProblem& p, int64_t n, int32_t* columns) {
+// Writes the absolute columns of row n's segments [s0, s1) to columns[0 ..) (one loop over a
+// row's entries then replaces a loop per segment). Every segment is expanded 32 entries at a
+// time, the first 32 unconditionally (the next segment overwrites the excess; `columns` has 32
+// spare entries), so a typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
+SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
   const int32_t* ptr = p.seg_ptr + n * p.segments;
-  const int64_t start = ptr[0];
-  for (int64_t s = 0; s < p.segments; ++s) {
+  const int64_t start = ptr[s0];
+  for (int64_t s = s0; s < s1; ++s) {
     const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
     const int64_t count = ptr[s + 1] - ptr[s];
     int32_t* out = columns + (ptr[s] - start);
@@ -89,7 +90,7 @@ SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* column
     widen_values(p.values, p.value_type, start, count, values_f32);
     w = values_f32;
   }
-  expand_row_columns(p, n, columns);
+  expand_columns(p, n, 0, p.segments, columns);
   const float* x = p.x.x_rows;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t e = 0;
@@ -118,7 +119,7 @@ inline int64_t csr_block_segments(const CsrProblem& p) {
 // Tile rows, K block by K block across all rows (see store_partials).
 template <int kVectors>
 SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
-                                float* values_f32) {
+                                int32_t* columns, float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
   constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
   for (int64_t n = n_begin; n < n_end; ++n)
@@ -138,23 +139,19 @@ SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin
       float* row_partial = partial + (n - n_begin) * kWidth;
       TileAccumulators<kVectors, kSets> acc;
       acc.start(row_partial, s0 == 0);
-      // The block's entries are contiguous: widen them once.
+      // The block's entries are contiguous: widen them once, expand their columns once.
       const int32_t* row_ptr = p.seg_ptr + n * p.segments;
-      const float* block_values = static_cast<const float*>(p.values) + row_ptr[s0];
+      const int64_t count = row_ptr[s1] - row_ptr[s0];
+      const float* w = static_cast<const float*>(p.values) + row_ptr[s0];
       if (p.value_type != ValueType::kFloat32) {
-        widen_values(p.values, p.value_type, row_ptr[s0], row_ptr[s1] - row_ptr[s0], values_f32);
-        block_values = values_f32;
+        widen_values(p.values, p.value_type, row_ptr[s0], count, values_f32);
+        w = values_f32;
       }
-      for (int64_t s = s0; s < s1; ++s) {
-        const float* segment = tile + s * kCsrSegment * kWidth;
-        const int64_t begin = row_ptr[s], count = row_ptr[s + 1] - row_ptr[s];
-        const uint8_t* offsets = p.col_offsets + begin;
-        const float* w = block_values + (begin - row_ptr[s0]);
-        int64_t e = 0;
-        for (; e + kSets <= count; e += kSets)
-          for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, segment + offsets[e + set] * kWidth);
-        for (; e < count; ++e) acc.fma(0, w + e, segment + offsets[e] * kWidth);
-      }
+      expand_columns(p, n, s0, s1, columns);
+      int64_t e = 0;
+      for (; e + kSets <= count; e += kSets)
+        for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, tile + columns[e + set] * kWidth);
+      for (; e < count; ++e) acc.fma(0, w + e, tile + columns[e] * kWidth);
       acc.reduce_to(row_partial);
     }
   }
@@ -172,11 +169,11 @@ bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, i
 }
 
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
-                        float* partial, float* values_f32) {
+                        float* partial, int32_t* columns, float* values_f32) {
   switch (width) {
-    case kTileWidthLarge: return csr_tile_rows<4>(p, m0, n_begin, n_end, partial, values_f32);
-    case kTileWidthMedium: return csr_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32);
-    default: return csr_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);
+    case kTileWidthLarge: return csr_tile_rows<4>(p, m0, n_begin, n_end, partial, columns, values_f32);
+    case kTileWidthMedium: return csr_tile_rows<2>(p, m0, n_begin, n_end, partial, columns, values_f32);
+    default: return csr_tile_rows<1>(p, m0, n_begin, n_end, partial, columns, values_f32);
   }
 }
 

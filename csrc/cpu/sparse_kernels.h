@@ -87,10 +87,11 @@ constexpr int64_t kTileWidthLarge = 32;
 bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns,
                           float* values_f32);
 // Tile [m0, m0 + width), width one of kTileWidth*. Scratch: `partial` holds
-// (n_end - n_begin) * width floats, `values_f32` k_pad floats (CSR) or kTileValueScratch (2:4).
+// (n_end - n_begin) * width floats; `columns` and `values_f32` as for csr_decode_rows_avx2
+// (2:4: `values_f32` holds kTileValueScratch floats).
 constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
-                        float* partial, float* values_f32);
+                        float* partial, int32_t* columns, float* values_f32);
 
 void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_t n_end);
 void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
