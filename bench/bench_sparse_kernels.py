@@ -2,18 +2,26 @@
 baselines, interleaved in one process.
 
     python bench/bench_sparse_kernels.py [--threads 2] [--runs 15] [--m 1 16 128 512]
-        [--k 4096] [--n 4096] [--cases csr90 csr70 csr90_int8 24]
+        [--k 4096] [--n 4096] [--cases csr90 csr70 csr90_int8 24] [--clock wall|thread]
 
 Baselines (same run, alternating call by call): fp32 F.linear (dense), torch CSR
 (torch.sparse.mm(w.to_sparse_csr(), x.T).T, no bias) and, for int8 values, torch.ao quantize_dynamic
 (fbgemm). The weight is random with a random unstructured pattern (2:4: the 2 largest of every 4),
 hot in cache. measure() returns one dict per case and is importable.
+
+--clock thread (with --threads 1) times each call by the CPU time of the calling thread
+(time.thread_time) instead of wall time: on a machine shared with other busy processes a parallel
+region waits for descheduled threads, which swamps wall times of millisecond calls; CPU time of a
+single thread is insensitive to that (not to shared caches or an SMT sibling's load).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +56,31 @@ def random_sparse_weight(kind: str, sparsity: float, n: int, k: int, seed: int =
     return w * (torch.rand(n, k, generator=gen) >= sparsity)
 
 
+def time_interleaved_cpu(fns: dict, runs: int = 9, warmup: int = 2) -> dict[str, float]:
+    """Like time_interleaved, in CPU time of the calling thread (meaningful with 1 thread)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.thread_time()
+            fn()
+            times[name].append((time.thread_time() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @torch.inference_mode()
 def measure(kind: str, sparsity: float, m: int, k: int, n: int, *, int8: bool = False,
-            dtype: torch.dtype = torch.float32, runs: int = 15, threads: int | None = 2) -> dict:
+            dtype: torch.dtype = torch.float32, runs: int = 15, threads: int | None = 2,
+            clock: str = "wall") -> dict:
     """Median ms of the sparseq kernel and its baselines on one shape, with the speedups."""
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
     if threads is not None:
         torch.set_num_threads(threads)
+    if clock == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("clock='thread' measures the calling thread only: use threads=1")
     w = random_sparse_weight(kind, sparsity, n, k)
     bias = torch.randn(n) * 0.1
     x = torch.randn(m, k).to(dtype)
@@ -67,7 +94,9 @@ def measure(kind: str, sparsity: float, m: int, k: int, n: int, *, int8: bool = 
         fns["sparseq"] = lambda: ops.sparse_csr_linear(x, packed.seg_ptr, packed.col_offsets, packed.values,
                                                        packed.scale, bias)
         if dtype == torch.float32:
-            w_csr = w.to_sparse_csr()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                w_csr = w.to_sparse_csr()
             # Without its bias: a lower bound on torch CSR's time, so the ratio is conservative.
             fns["torch_csr"] = lambda: torch.sparse.mm(w_csr, x.T).T
     if int8 and dtype == torch.float32:
@@ -76,9 +105,10 @@ def measure(kind: str, sparsity: float, m: int, k: int, n: int, *, int8: bool = 
         linear.bias.data.copy_(bias)
         qdyn = _quantize_dynamic(linear)
         fns["qdyn"] = lambda: qdyn(x)
-    t = time_interleaved(fns, runs=runs, warmup=2)
+    t = (time_interleaved if clock == "wall" else time_interleaved_cpu)(fns, runs=runs, warmup=2)
     row = {"kind": kind, "sparsity": sparsity, "int8": int8, "dtype": str(dtype).replace("torch.", ""),
-           "m": m, "k": k, "n": n, "threads": torch.get_num_threads(), "weight_bytes": packed.nbytes}
+           "m": m, "k": k, "n": n, "threads": torch.get_num_threads(), "clock": clock,
+           "weight_bytes": packed.nbytes}
     row.update({f"{name}_ms": round(ms, 4) for name, ms in t.items()})
     for name in t:
         if name != "sparseq":
@@ -94,16 +124,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--clock", default="wall", choices=["wall", "thread"])
     args = parser.parse_args()
     if not sparseq.HAS_EXT:
         raise SystemExit(f"sparseq extension not built ({sparseq.EXT_ERROR})")
     for case in args.cases:
         kind, sparsity, int8 = CASES[case]
         for m in args.m:
-            row = measure(kind, sparsity, m, args.k, args.n, int8=int8, runs=args.runs, threads=args.threads)
+            row = measure(kind, sparsity, m, args.k, args.n, int8=int8, runs=args.runs, threads=args.threads,
+                          clock=args.clock)
             times = "  ".join(f"{key[:-3]} {val:8.3f} ms" for key, val in row.items() if key.endswith("_ms"))
             ratios = "  ".join(f"{key} {val:5.2f}x" for key, val in row.items() if key.startswith("vs_"))
-            print(f"{case:11s} M={m:<4d} K={args.k} N={args.n}  {times}  |  {ratios}", flush=True)
+            print(f"{case:11s} M={m:<4d} K={args.k} N={args.n} threads={args.threads} {args.clock}  {times}  |  "
+                  f"{ratios}", flush=True)
 
 
 if __name__ == "__main__":
