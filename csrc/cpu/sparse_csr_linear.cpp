@@ -58,9 +58,8 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
   if (use_avx2) {
     ok = parallel_rows(n, [&](int64_t n0, int64_t n1) {
       std::vector<int32_t> columns(p.x.k_pad + 32);
-      std::vector<float> values_f32(p.x.k_pad);
-      if (!tiles) return csr_decode_rows_avx2(p, n0, n1, columns.data(), values_f32.data());
-      std::vector<float> partial((n1 - n0) * kTileWidthLarge);
+      if (!tiles) return csr_decode_rows_avx2(p, n0, n1, columns.data());
+      std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(p.x.k_pad);
       bool chunk_ok = true;
       for_each_tile(m, [&](int64_t m0, int64_t width) {
         chunk_ok = chunk_ok && csr_tile_rows_avx2(p, m0, width, n0, n1, partial.data(), columns.data(),

@@ -1,8 +1,8 @@
 // AVX2 kernels of sparse_csr_linear (segmented CSR, uint8 column offsets; layout in
-// sparseq/sparse_formats.h). Decode (one x row): scalar loads of x per nonzero (see
-// csr_decode_row). Tiles (many x rows): every
-// nonzero is one broadcast + FMAs against the x_tiles row of its column, which lies inside the
-// current 256-column segment (256 x 64 bytes of a 16-wide tile: L1/L2 resident).
+// sparseq/sparse_formats.h). Both first expand a row's (or row block's) absolute columns once.
+// Decode (one x row): 8 nonzeros per vector FMA, the x entries fetched by scalar loads (see
+// load8_at). Tiles (many x rows): every nonzero is one broadcast + FMAs against the x_tiles row of
+// its column; 90%-sparse rows run whole, denser ones in K blocks of 4 segments over a row chunk.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -80,32 +80,35 @@ SPARSEQ_AVX2 inline __m256 load8_at(const float* x, const int32_t* columns) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
 }
 
-// One x row (16 KiB at K=4096, in L1).
-SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* values_f32, float* result) {
+// One x row (16 KiB at K=4096, in L1). Values are widened in the loop (kValues fixed per call).
+template <ValueType kValues>
+SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* result) {
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0], count = ptr[p.segments] - start;
-  const float* w = static_cast<const float*>(p.values) + start;
-  if (p.value_type != ValueType::kFloat32) {
-    widen_values(p.values, p.value_type, start, count, values_f32);
-    w = values_f32;
-  }
   expand_columns(p, n, 0, p.segments, columns);
   const float* x = p.x.x_rows;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t e = 0;
   for (; e + 16 <= count; e += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + e), load8_at(x, columns + e), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + e + 8), load8_at(x, columns + e + 8), acc1);
+    acc0 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e), load8_at(x, columns + e), acc0);
+    acc1 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e + 8), load8_at(x, columns + e + 8), acc1);
   }
   if (e + 8 <= count) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + e), load8_at(x, columns + e), acc0);
+    acc0 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e), load8_at(x, columns + e), acc0);
     e += 8;
   }
   float tail = 0.0f;
-  for (; e < count; ++e) tail = std::fma(w[e], x[columns[e]], tail);
+  for (; e < count; ++e) tail = std::fma(value_as_float(p.values, kValues, start + e), x[columns[e]], tail);
   result[0] = horizontal_sum(_mm256_add_ps(acc0, acc1)) + tail;
   return true;
+}
+
+template <ValueType kValues>
+SPARSEQ_AVX2 bool csr_decode_rows(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns) {
+  return for_row_blocks(p.epilogue, n_begin, n_end, 0, 1, [&](int64_t n, float* result) SPARSEQ_AVX2 {
+    return csr_decode_row<kValues>(p, n, columns, result);
+  });
 }
 
 // Segments per K block of the tile kernel. A 90%-sparse row touches ~10% of the x tile's rows, so
@@ -161,11 +164,13 @@ SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin
 
 }  // namespace
 
-bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns,
-                          float* values_f32) {
-  return for_row_blocks(p.epilogue, n_begin, n_end, 0, 1, [&](int64_t n, float* result) SPARSEQ_AVX2 {
-    return csr_decode_row(p, n, columns, values_f32, result);
-  });
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns) {
+  switch (p.value_type) {
+    case ValueType::kBFloat16: return csr_decode_rows<ValueType::kBFloat16>(p, n_begin, n_end, columns);
+    case ValueType::kFloat16: return csr_decode_rows<ValueType::kFloat16>(p, n_begin, n_end, columns);
+    case ValueType::kInt8: return csr_decode_rows<ValueType::kInt8>(p, n_begin, n_end, columns);
+    default: return csr_decode_rows<ValueType::kFloat32>(p, n_begin, n_end, columns);
+  }
 }
 
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,

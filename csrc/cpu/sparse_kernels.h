@@ -82,13 +82,11 @@ constexpr int64_t kTileWidthLarge = 32;
 // Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
 // (negative, decreasing, past nnz, or a segment of more than 256 entries); the outputs of that
 // range are then unspecified, and nothing outside the inputs was read.
-// Scratch: `columns` k_pad + 32 int32 (a row's absolute columns), `values_f32` k_pad floats (its
-// values widened).
-bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns,
-                          float* values_f32);
+// Scratch: `columns` k_pad + 32 int32 (a row's absolute columns).
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns);
 // Tile [m0, m0 + width), width one of kTileWidth*. Scratch: `partial` holds
-// (n_end - n_begin) * width floats; `columns` and `values_f32` as for csr_decode_rows_avx2
-// (2:4: `values_f32` holds kTileValueScratch floats).
+// (n_end - n_begin) * width floats; `columns` as for csr_decode_rows_avx2, `values_f32` k_pad floats
+// (2:4: kTileValueScratch floats).
 constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                         float* partial, int32_t* columns, float* values_f32);
