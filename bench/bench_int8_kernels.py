@@ -29,18 +29,20 @@ def time_ms(fn: Callable[[], object], runs: int = 9, warmup: int = 2) -> float:
     return time_interleaved({"fn": fn}, runs, warmup)["fn"]
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2) -> dict[str, float]:
-    """Median wall time (ms) of each fn, calling them in turn every round so that drift in the
-    machine's load (other processes, clocks) hits kernel and baseline alike."""
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time (ms, wall by default; `clock` in seconds) of each fn, calling them in turn every
+    round so that drift in the machine's load (other processes, clocks) hits kernel and baseline
+    alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

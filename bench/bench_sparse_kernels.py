@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -56,20 +55,6 @@ def random_sparse_weight(kind: str, sparsity: float, n: int, k: int, seed: int =
     return w * (torch.rand(n, k, generator=gen) >= sparsity)
 
 
-def time_interleaved_cpu(fns: dict, runs: int = 9, warmup: int = 2) -> dict[str, float]:
-    """Like time_interleaved, in CPU time of the calling thread (meaningful with 1 thread)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = time.thread_time()
-            fn()
-            times[name].append((time.thread_time() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 @torch.inference_mode()
 def measure(kind: str, sparsity: float, m: int, k: int, n: int, *, int8: bool = False,
             dtype: torch.dtype = torch.float32, runs: int = 15, threads: int | None = 2,
@@ -105,7 +90,7 @@ def measure(kind: str, sparsity: float, m: int, k: int, n: int, *, int8: bool = 
         linear.bias.data.copy_(bias)
         qdyn = _quantize_dynamic(linear)
         fns["qdyn"] = lambda: qdyn(x)
-    t = (time_interleaved if clock == "wall" else time_interleaved_cpu)(fns, runs=runs, warmup=2)
+    t = time_interleaved(fns, runs=runs, warmup=2, clock=time.perf_counter if clock == "wall" else time.thread_time)
     row = {"kind": kind, "sparsity": sparsity, "int8": int8, "dtype": str(dtype).replace("torch.", ""),
            "m": m, "k": k, "n": n, "threads": torch.get_num_threads(), "clock": clock,
            "weight_bytes": packed.nbytes}
