@@ -31,9 +31,10 @@ def time_ms(fn: Callable[[], object], runs: int = 9, warmup: int = 2) -> float:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2,
                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median time (ms, wall by default; `clock` in seconds) of each fn, calling them in turn every
-    round so that drift in the machine's load (other processes, clocks) hits kernel and baseline
-    alike."""
+    """Median time (ms) of each fn, calling them in turn every round so that drift in the
+    machine's load (other processes, clocks) hits kernel and baseline alike. `clock` may be
+    time.process_time: CPU time, which time slices lost to other processes do not inflate
+    (meaningful with one thread only)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

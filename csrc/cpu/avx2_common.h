@@ -82,6 +82,18 @@ SPARSEQ_AVX2 inline void store8_float_as(void* dst, OutType t, int64_t i, __m256
   }
 }
 
+// Stores one fp32 value at dst[i] as type t (rounded as store8_float_as does).
+SPARSEQ_AVX2 inline void store1_float_as(void* dst, OutType t, int64_t i, float v) {
+  if (t == OutType::kFloat32) {
+    static_cast<float*>(dst)[i] = v;
+    return;
+  }
+  const __m128i h = t == OutType::kBFloat16
+                        ? float_to_bf16x8(_mm256_set1_ps(v))
+                        : _mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  static_cast<uint16_t*>(dst)[i] = static_cast<uint16_t>(_mm_extract_epi16(h, 0));
+}
+
 SPARSEQ_AVX2 inline __m256 load8_floats_masked(const float* p, int count) {
   return count == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes_mask(count));
 }

@@ -69,6 +69,22 @@ void quantize_rows_portable(const at::Tensor& x, int64_t m_begin, int64_t m_end,
   }
 }
 
+}  // namespace
+
+void quantize_activation_rows(const at::Tensor& x, int32_t qmax, uint8_t* a_u, int8_t* a_sign, int64_t lda,
+                              float* x_scale, bool use_avx2) {
+  const int64_t k = x.size(1);
+  at::parallel_for(0, x.size(0), std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
+    if (use_avx2) {
+      quantize_rows_avx2(x.const_data_ptr(), out_type_of(x), k, b, e, qmax, a_u, a_sign, lda, x_scale);
+    } else {
+      quantize_rows_portable(x, b, e, qmax, a_u, a_sign, lda, x_scale);
+    }
+  });
+}
+
+namespace {
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
   check_float_activation(x);
@@ -77,8 +93,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
                   w_rowsum.is_contiguous() && w_rowsum.device() == x.device(),
               "sparseq: w_rowsum must be a contiguous int32 vector of N=", n, " elements on x's device, got ",
               w_rowsum.scalar_type(), " ", w_rowsum.sizes());
-  TORCH_CHECK(act_qmax == 63 || act_qmax == 127,
-              "sparseq: act_qmax must be 127 (8-bit activations) or 63 (7-bit), got ", act_qmax);
+  check_act_qmax(act_qmax);
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
@@ -96,13 +111,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
   uint8_t* u_ptr = a_u.mutable_data_ptr<uint8_t>();
   int8_t* s_ptr = offset_form ? nullptr : a_sign.mutable_data_ptr<int8_t>();
   float* scale_ptr = x_scale.mutable_data_ptr<float>();
-  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
-    if (use_avx2) {
-      quantize_rows_avx2(x.const_data_ptr(), out_type_of(x), k, b, e, qmax, u_ptr, s_ptr, lda, scale_ptr);
-    } else {
-      quantize_rows_portable(x, b, e, qmax, u_ptr, s_ptr, lda, scale_ptr);
-    }
-  });
+  quantize_activation_rows(x, qmax, u_ptr, s_ptr, lda, scale_ptr, use_avx2);
 
   const at::Tensor bias_f32 = bias_as_float(bias);
   GemmProblem p;

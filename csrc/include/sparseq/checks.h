@@ -24,6 +24,12 @@ inline void check_float_activation(const at::Tensor& x) {
   TORCH_CHECK(x.is_contiguous(), "sparseq: x must be contiguous");
 }
 
+// The W8A8 ops quantize activations to 8 bits (127) or 7 bits (63).
+inline void check_act_qmax(int64_t act_qmax) {
+  TORCH_CHECK(act_qmax == 63 || act_qmax == 127,
+              "sparseq: act_qmax must be 127 (8-bit activations) or 63 (7-bit), got ", act_qmax);
+}
+
 inline void check_bias(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),

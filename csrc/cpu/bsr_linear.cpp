@@ -1,0 +1,172 @@
+// CPU bsr_linear: float activations times a block-sparse weight (BlockSparseWeight's tensors),
+// fp32 accumulation, int8 codes scaled per output row in the epilogue, bias, output in x's
+// dtype. Threads split the block rows; AVX2 micro-kernels in bsr_linear_avx2.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "bsr_kernels.h"
+#include "op_common.h"
+#include "parallel_tiles.h"
+#include "sparseq/checks.h"
+#include "sparseq/cpu_features.h"
+
+namespace sparseq::cpu {
+namespace {
+
+ValueType value_type_of(const at::Tensor& values) {
+  switch (values.scalar_type()) {
+    case at::kBFloat16: return ValueType::kBFloat16;
+    case at::kHalf: return ValueType::kFloat16;
+    case at::kChar: return ValueType::kInt8;
+    default: return ValueType::kFloat32;
+  }
+}
+
+template <typename V, typename O>
+bool bsr_rows_portable_typed(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  const V* values = static_cast<const V*>(p.values);
+  O* out = static_cast<O*>(p.c_out);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    int64_t b, e;
+    if (!bsr_block_row(p, r, &b, &e)) return false;
+    for (int64_t i = 0; i < p.bh && r * p.bh + i < p.n; ++i) {
+      const int64_t n = r * p.bh + i;
+      for (int64_t m = 0; m < p.m; ++m) {
+        const float* x = p.x + m * p.ldx;
+        float acc = 0.0f;
+        for (int64_t blk = b; blk < e; ++blk) {
+          const float* xb = x + static_cast<int64_t>(p.block_col_idx[blk]) * p.bw;
+          const V* w = values + (blk * p.bh + i) * p.bw;
+          for (int64_t c = 0; c < p.bw; ++c) acc += xb[c] * static_cast<float>(w[c]);
+        }
+        if (p.w_scale != nullptr) acc *= p.w_scale[n];
+        if (p.bias != nullptr) acc += p.bias[n];
+        out[m * p.ldc + n] = static_cast<O>(acc);
+      }
+    }
+  }
+  return true;
+}
+
+template <typename V>
+bool bsr_rows_portable_values(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  switch (p.out_type) {
+    case OutType::kBFloat16: return bsr_rows_portable_typed<V, c10::BFloat16>(p, r_begin, r_end);
+    case OutType::kFloat16: return bsr_rows_portable_typed<V, c10::Half>(p, r_begin, r_end);
+    default: return bsr_rows_portable_typed<V, float>(p, r_begin, r_end);
+  }
+}
+
+bool bsr_rows_portable(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
+  switch (p.value_type) {
+    case ValueType::kBFloat16: return bsr_rows_portable_values<c10::BFloat16>(p, r_begin, r_end);
+    case ValueType::kFloat16: return bsr_rows_portable_values<c10::Half>(p, r_begin, r_end);
+    case ValueType::kInt8: return bsr_rows_portable_values<int8_t>(p, r_begin, r_end);
+    default: return bsr_rows_portable_values<float>(p, r_begin, r_end);
+  }
+}
+
+// Tile t of the transposed activations (layout in BsrProblem::xt), zeros past m and k.
+template <typename T>
+void transpose_tile(const T* x, int64_t m, int64_t k, int64_t k_pad, int64_t t, float* xt) {
+  float* dst = xt + t * k_pad * kBsrMTile;
+  const int64_t m0 = t * kBsrMTile, rows = std::min(kBsrMTile, m - m0);
+  if (rows < kBsrMTile || k < k_pad) std::fill(dst, dst + k_pad * kBsrMTile, 0.0f);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = x + (m0 + i) * k;
+    for (int64_t c = 0; c < k; ++c) dst[c * kBsrMTile + i] = static_cast<float>(row[c]);
+  }
+}
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, const at::Tensor& block_col_idx,
+                          const at::Tensor& values, const c10::optional<at::Tensor>& w_scale,
+                          const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  const int64_t nb = check_bsr_weight(x, block_row_ptr, block_col_idx, values, w_scale, bias, out_features);
+  const int64_t m = x.size(0), k = x.size(1);
+  at::Tensor out = at::empty({m, out_features}, x.options());
+  if (m == 0 || out_features == 0) return out;
+
+  BsrProblem p;
+  p.block_row_ptr = block_row_ptr.const_data_ptr<int32_t>();
+  p.block_col_idx = block_col_idx.const_data_ptr<int32_t>();
+  p.nnzb = block_col_idx.numel();
+  p.values = values.const_data_ptr();
+  p.value_type = value_type_of(values);
+  p.bh = values.size(1);
+  p.bw = values.size(2);
+  p.nb = nb;
+  p.kb = (k + p.bw - 1) / p.bw;
+  p.n = out_features;
+  p.m = m;
+  const at::Tensor bias_f32 = bias_as_float(bias);
+  p.w_scale = w_scale.has_value() ? w_scale->const_data_ptr<float>() : nullptr;
+  p.bias = float_ptr_or_null(bias_f32);
+  p.c_out = out.mutable_data_ptr();
+  p.out_type = out_type_of(x);
+  p.ldc = out_features;
+
+  // Activations as fp32 padded with zeros to whole blocks of columns, so a stored block (whose
+  // column index is checked against kb) never reads past them.
+  const int64_t k_pad = p.kb * p.bw;
+  const bool use_avx2 = cpu_has_avx2_fma();
+  const bool row_major = !use_avx2 || (m < kBsrTransposedMinRows && bsr_avx2_has_row_major_kernel(p.bh, p.bw));
+  at::Tensor x_act;
+  if (row_major) {
+    x_act = x;
+    if (x.scalar_type() != at::kFloat || k_pad != k) {
+      x_act = at::zeros({m, k_pad}, x.options().dtype(at::kFloat));
+      x_act.narrow(1, 0, k).copy_(x);
+    }
+    p.x = x_act.const_data_ptr<float>();
+    p.ldx = k_pad;
+  } else {
+    const int64_t tiles = (m + kBsrMTile - 1) / kBsrMTile;
+    x_act = at::empty({tiles, k_pad, kBsrMTile}, x.options().dtype(at::kFloat));
+    float* xt = x_act.mutable_data_ptr<float>();
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        switch (x.scalar_type()) {
+          case at::kBFloat16: transpose_tile(x.const_data_ptr<c10::BFloat16>(), m, k, k_pad, t, xt); break;
+          case at::kHalf: transpose_tile(x.const_data_ptr<c10::Half>(), m, k, k_pad, t, xt); break;
+          default: transpose_tile(x.const_data_ptr<float>(), m, k, k_pad, t, xt);
+        }
+      }
+    });
+    p.xt = xt;
+  }
+
+  // Chunks of block rows are claimed from a shared counter, so a thread slowed by another process
+  // on its core does not hold up the rest; small problems stay on the calling thread.
+  const int64_t macs = m * std::max<int64_t>(1, p.nnzb) * p.bh * p.bw;
+  const int64_t threads = macs < (int64_t{1} << 17) ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, nb / (threads * kChunksPerThread));
+  const int64_t chunks = (nb + chunk - 1) / chunk;
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<bool> valid{true};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next_chunk.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t r_begin = c * chunk, r_end = std::min(nb, r_begin + chunk);
+      const bool ok = use_avx2 ? bsr_rows_avx2(p, r_begin, r_end) : bsr_rows_portable(p, r_begin, r_end);
+      if (!ok) valid.store(false, std::memory_order_relaxed);
+    }
+  });
+  TORCH_CHECK(valid.load(), "sparseq: bsr_linear: invalid BSR indices: block_row_ptr must be non-decreasing "
+              "from >= 0 to <= nnz_blocks=", p.nnzb, " and block_col_idx within [0, ", p.kb,
+              ") (K=", k, ", bw=", p.bw, ")");
+  return out;
+}
+
+}  // namespace
+}  // namespace sparseq::cpu
+
+TORCH_LIBRARY_IMPL(sparseq, CPU, m) { m.impl("bsr_linear", &sparseq::cpu::bsr_linear_cpu); }
