@@ -1,0 +1,185 @@
+// AVX2 kernels of sparse_csr_linear (segmented CSR, uint8 column offsets; layout in
+// sparseq/sparse_formats.h). Both first expand a row's (or row block's) absolute columns once.
+// Decode (one x row): 8 nonzeros per vector FMA, the x entries fetched by scalar loads (see
+// load8_at). Tiles (many x rows): every nonzero is one broadcast + FMAs against the x_tiles row of
+// its column; 90%-sparse rows run whole, denser ones in K blocks of 4 segments over a row chunk.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "sparse_avx2.h"
+
+namespace sparseq::cpu {
+namespace {
+
+using namespace avx2;
+
+// Checks the segment pointers of row n (0 <= start <= ... <= end <= nnz, at most 256 entries per
+// segment) before anything is read through them.
+inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  if (ptr[0] < 0) return false;
+  for (int64_t s = 0; s < p.segments; ++s) {
+    const int64_t count = static_cast<int64_t>(ptr[s + 1]) - ptr[s];
+    if (count < 0 || count > kMaxSegmentEntries || ptr[s + 1] > p.nnz) return false;
+  }
+  return true;
+}
+
+// Writes the absolute columns of row n's segments [s0, s1) to columns[0 ..) (one loop over a
+// row's entries then replaces a loop per segment). Every segment is expanded 32 entries at a
+// time, the first 32 unconditionally (the next segment overwrites the excess; `columns` has 32
+// spare entries), so a typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
+SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  const int64_t start = ptr[s0];
+  for (int64_t s = s0; s < s1; ++s) {
+    const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
+    const int64_t count = ptr[s + 1] - ptr[s];
+    int32_t* out = columns + (ptr[s] - start);
+    int64_t i = 0;
+    do {
+      const int64_t e = ptr[s] + i;
+      alignas(32) uint8_t tail[32] = {};
+      const uint8_t* src = p.col_offsets + e;
+      if (e + 32 > p.nnz) {  // only near the end of the arrays
+        for (int64_t j = 0; e + j < p.nnz; ++j) tail[j] = p.col_offsets[e + j];
+        src = tail;
+      }
+      for (int q = 0; q < 4; ++q) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * q),
+                            _mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base));
+      }
+      i += 32;
+    } while (i < count);
+  }
+}
+
+// x[columns[0..8)] as one vector, from scalar loads merged with vinsertps: vgatherdps is
+// microcoded and several times slower on the AMD cores this was tuned on, and one vector FMA per 8
+// nonzeros leaves the load ports to x (a scalar FMA per nonzero needs 3 loads each). Two columns
+// come from one 64-bit load.
+SPARSEQ_AVX2 inline __m256 load8_at(const float* x, const int32_t* columns) {
+  uint64_t p0, p1, p2, p3;
+  std::memcpy(&p0, columns, 8);
+  std::memcpy(&p1, columns + 2, 8);
+  std::memcpy(&p2, columns + 4, 8);
+  std::memcpy(&p3, columns + 6, 8);
+  const uint64_t pair[4] = {p0, p1, p2, p3};
+  auto at = [&](int j) SPARSEQ_AVX2 {
+    return _mm_load_ss(x + static_cast<uint32_t>(j % 2 ? pair[j / 2] >> 32 : pair[j / 2]));
+  };
+  __m128 low = at(0), high = at(4);
+  low = _mm_insert_ps(low, at(1), 0x10);
+  high = _mm_insert_ps(high, at(5), 0x10);
+  low = _mm_insert_ps(low, at(2), 0x20);
+  high = _mm_insert_ps(high, at(6), 0x20);
+  low = _mm_insert_ps(low, at(3), 0x30);
+  high = _mm_insert_ps(high, at(7), 0x30);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
+}
+
+// One x row (16 KiB at K=4096, in L1). Values are widened in the loop (kValues fixed per call).
+template <ValueType kValues>
+SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* result) {
+  if (!row_segments_valid(p, n)) return false;
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  const int64_t start = ptr[0], count = ptr[p.segments] - start;
+  expand_columns(p, n, 0, p.segments, columns);
+  const float* x = p.x.x_rows;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    acc0 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e), load8_at(x, columns + e), acc0);
+    acc1 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e + 8), load8_at(x, columns + e + 8), acc1);
+  }
+  if (e + 8 <= count) {
+    acc0 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e), load8_at(x, columns + e), acc0);
+    e += 8;
+  }
+  float tail = 0.0f;
+  for (; e < count; ++e) tail = std::fma(value_as_float(p.values, kValues, start + e), x[columns[e]], tail);
+  result[0] = horizontal_sum(_mm256_add_ps(acc0, acc1)) + tail;
+  return true;
+}
+
+template <ValueType kValues>
+SPARSEQ_AVX2 bool csr_decode_rows(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns) {
+  return for_row_blocks(p.epilogue, n_begin, n_end, 0, 1, [&](int64_t n, float* result) SPARSEQ_AVX2 {
+    return csr_decode_row<kValues>(p, n, columns, result);
+  });
+}
+
+// Segments per K block of the tile kernel. A 90%-sparse row touches ~10% of the x tile's rows, so
+// whole rows (the weight streamed in order) run fastest; denser rows touch most of the tile and
+// run fastest with its 4-segment block (64 KiB at width 16) kept close.
+inline int64_t csr_block_segments(const CsrProblem& p) {
+  const double density = static_cast<double>(p.nnz) / static_cast<double>(p.n * p.segments * kCsrSegment);
+  return density < 0.15 ? p.segments : 4;
+}
+
+// Tile rows, K block by K block across all rows (see store_partials).
+template <int kVectors>
+SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
+                                int32_t* columns, float* values_f32) {
+  constexpr int kWidth = 8 * kVectors;
+  constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
+  for (int64_t n = n_begin; n < n_end; ++n)
+    if (!row_segments_valid(p, n)) return false;
+  const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
+  const int64_t block_segments = csr_block_segments(p);
+  for (int64_t s0 = 0; s0 < p.segments; s0 += block_segments) {
+    const int64_t s1 = std::min(p.segments, s0 + block_segments);
+    const int64_t bytes = value_bytes(p.value_type);
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      if (s1 - s0 < p.segments && n + kPrefetchRows < n_end) {
+        const int32_t* ahead = p.seg_ptr + (n + kPrefetchRows) * p.segments;
+        prefetch_bytes(static_cast<const char*>(p.values) + ahead[s0] * bytes,
+                       (ahead[s1] - ahead[s0]) * bytes);
+        prefetch_bytes(p.col_offsets + ahead[s0], ahead[s1] - ahead[s0]);
+      }
+      float* row_partial = partial + (n - n_begin) * kWidth;
+      TileAccumulators<kVectors, kSets> acc;
+      acc.start(row_partial, s0 == 0);
+      // The block's entries are contiguous: widen them once, expand their columns once.
+      const int32_t* row_ptr = p.seg_ptr + n * p.segments;
+      const int64_t count = row_ptr[s1] - row_ptr[s0];
+      const float* w = static_cast<const float*>(p.values) + row_ptr[s0];
+      if (p.value_type != ValueType::kFloat32) {
+        widen_values(p.values, p.value_type, row_ptr[s0], count, values_f32);
+        w = values_f32;
+      }
+      expand_columns(p, n, s0, s1, columns);
+      int64_t e = 0;
+      for (; e + kSets <= count; e += kSets)
+        for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, tile + columns[e + set] * kWidth);
+      for (; e < count; ++e) acc.fma(0, w + e, tile + columns[e] * kWidth);
+      acc.reduce_to(row_partial);
+    }
+  }
+  store_partials(p.epilogue, partial, kWidth, n_begin, n_end, m0, std::min<int64_t>(p.x.m - m0, kWidth));
+  return true;
+}
+
+}  // namespace
+
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns) {
+  switch (p.value_type) {
+    case ValueType::kBFloat16: return csr_decode_rows<ValueType::kBFloat16>(p, n_begin, n_end, columns);
+    case ValueType::kFloat16: return csr_decode_rows<ValueType::kFloat16>(p, n_begin, n_end, columns);
+    case ValueType::kInt8: return csr_decode_rows<ValueType::kInt8>(p, n_begin, n_end, columns);
+    default: return csr_decode_rows<ValueType::kFloat32>(p, n_begin, n_end, columns);
+  }
+}
+
+bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
+                        float* partial, int32_t* columns, float* values_f32) {
+  switch (width) {
+    case kTileWidthLarge: return csr_tile_rows<4>(p, m0, n_begin, n_end, partial, columns, values_f32);
+    case kTileWidthMedium: return csr_tile_rows<2>(p, m0, n_begin, n_end, partial, columns, values_f32);
+    default: return csr_tile_rows<1>(p, m0, n_begin, n_end, partial, columns, values_f32);
+  }
+}
+
+}  // namespace sparseq::cpu

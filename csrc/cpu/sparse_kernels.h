@@ -1,0 +1,98 @@
+#pragma once
+// Raw-pointer interface of the sparse linear kernels (sparse_csr_linear, sparse24_linear), shared
+// by the op files (which include torch) and the AVX2 files (which must not). Layouts: see
+// sparseq/sparse_formats.h.
+#include <cstdint>
+
+#include "int8_kernels.h"
+#include "sparseq/sparse_formats.h"
+
+namespace sparseq::cpu {
+
+// Element type of stored sparse values; kInt8 codes are scaled by w_scale[n] in the epilogue.
+enum class ValueType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
+
+inline int64_t value_bytes(ValueType t) {
+  return t == ValueType::kFloat32 ? 4 : t == ValueType::kInt8 ? 1 : 2;
+}
+
+// Every kernel reads fp32 activations in one of two forms, both zero padded to k_pad columns so
+// no index of a well-formed layout (uint8 offset inside its segment, 2-bit position inside its
+// group) can read outside them:
+//   rows:  x_rows [m, k_pad] row-major (few-row "decode" kernels: gather / permute from a row);
+//   tiles: x_tiles, the transpose cut into column tiles of 8, 16 or 32 rows of x: the tile of rows
+//          m0 .. m0 + width - 1 (m0 a multiple of 8) lives at x_tiles + m0 * k_pad as
+//          [k_pad][width], rows past m zero. Every nonzero w[n, k] then costs one broadcast and
+//          width / 8 FMAs against the contiguous x_tiles row k (the many-row kernels).
+struct SparseActivations {
+  const float* x_rows = nullptr;
+  const float* x_tiles = nullptr;
+  int64_t k_pad = 0;
+  int64_t m = 0;
+};
+
+// out[m, n] = acc * w_scale[n] (int8 values only) + bias[n], stored as out_type (row stride ldc).
+struct SparseEpilogue {
+  const float* w_scale = nullptr;
+  const float* bias = nullptr;
+  void* out = nullptr;
+  OutType out_type = OutType::kFloat32;
+  int64_t ldc = 0;
+};
+
+struct CsrProblem {
+  const int32_t* seg_ptr = nullptr;  // [n * segments + 1], contents unchecked on entry
+  const uint8_t* col_offsets = nullptr;
+  const void* values = nullptr;
+  ValueType value_type = ValueType::kFloat32;
+  int64_t nnz = 0;
+  int64_t n = 0;
+  int64_t segments = 0;
+  SparseActivations x;
+  SparseEpilogue epilogue;
+};
+
+struct Sparse24Problem {
+  const void* values = nullptr;  // [n, 2 * groups]
+  const uint8_t* meta = nullptr;  // [n, (groups + 1) / 2]
+  ValueType value_type = ValueType::kFloat32;
+  int64_t n = 0;
+  int64_t groups = 0;
+  SparseActivations x;
+  SparseEpilogue epilogue;
+};
+
+// Column padding the kernels need: CSR reads whole 256-column segments; the 2:4 decode kernel
+// reads 16 columns (4 groups) at a time.
+inline int64_t csr_k_pad(int64_t segments) { return segments * kCsrSegment; }
+inline int64_t sparse24_k_pad(int64_t groups) { return (groups + 3) / 4 * 16; }
+
+// A segment of a well-formed layout holds at most 256 entries (strictly increasing offsets).
+constexpr int64_t kMaxSegmentEntries = 256;
+
+// Up to this many rows of x the decode kernels (x_rows) run; above it the tile kernels (x_tiles).
+constexpr int64_t kCsrDecodeMaxRows = 1;
+constexpr int64_t kSparse24DecodeMaxRows = 4;
+
+// Tile widths (rows of x per tile) the tile kernels accept.
+constexpr int64_t kTileWidthSmall = 8;
+constexpr int64_t kTileWidthMedium = 16;
+constexpr int64_t kTileWidthLarge = 32;
+
+// Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
+// (negative, decreasing, past nnz, or a segment of more than 256 entries); the outputs of that
+// range are then unspecified, and nothing outside the inputs was read.
+// Scratch: `columns` k_pad + 32 int32 (a row's absolute columns).
+bool csr_decode_rows_avx2(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns);
+// Tile [m0, m0 + width), width one of kTileWidth*. Scratch: `partial` holds
+// (n_end - n_begin) * width floats; `columns` as for csr_decode_rows_avx2, `values_f32` k_pad floats
+// (2:4: kTileValueScratch floats).
+constexpr int64_t kTileValueScratch = 256;
+bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
+                        float* partial, int32_t* columns, float* values_f32);
+
+void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_t n_end);
+void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
+                             int64_t n_end, float* partial, float* values_f32);
+
+}  // namespace sparseq::cpu

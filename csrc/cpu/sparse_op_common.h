@@ -1,0 +1,143 @@
+#pragma once
+// Torch-side pieces shared by the sparse linear op files (sparse_csr_linear.cpp,
+// sparse24_linear.cpp): value types, the fp32 activation forms the kernels read, the portable
+// epilogue, and the split of output rows over threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "op_common.h"
+#include "parallel_tiles.h"
+#include "sparse_kernels.h"
+
+namespace sparseq::cpu {
+
+inline ValueType value_type_of(const at::Tensor& values) {
+  switch (values.scalar_type()) {
+    case at::kBFloat16: return ValueType::kBFloat16;
+    case at::kHalf: return ValueType::kFloat16;
+    case at::kChar: return ValueType::kInt8;
+    default: return ValueType::kFloat32;
+  }
+}
+
+inline float stored_value(const void* values, ValueType t, int64_t e) {
+  switch (t) {
+    case ValueType::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(values)[e]);
+    case ValueType::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(values)[e]);
+    case ValueType::kInt8: return static_cast<float>(static_cast<const int8_t*>(values)[e]);
+    default: return static_cast<const float*>(values)[e];
+  }
+}
+
+// Portable epilogue of one output.
+inline void store_output(const SparseEpilogue& ep, int64_t m, int64_t n, float acc) {
+  if (ep.w_scale != nullptr) acc *= ep.w_scale[n];
+  if (ep.bias != nullptr) acc += ep.bias[n];
+  const int64_t i = m * ep.ldc + n;
+  switch (ep.out_type) {
+    case OutType::kBFloat16: static_cast<c10::BFloat16*>(ep.out)[i] = c10::BFloat16(acc); break;
+    case OutType::kFloat16: static_cast<c10::Half*>(ep.out)[i] = c10::Half(acc); break;
+    default: static_cast<float*>(ep.out)[i] = acc;
+  }
+}
+
+inline SparseEpilogue make_epilogue(const at::Tensor& out, const c10::optional<at::Tensor>& w_scale,
+                                    const at::Tensor& bias_f32) {
+  SparseEpilogue ep;
+  ep.w_scale = w_scale.has_value() ? w_scale->const_data_ptr<float>() : nullptr;
+  ep.bias = float_ptr_or_null(bias_f32);
+  ep.out = out.mutable_data_ptr();
+  ep.out_type = out_type_of(out);
+  ep.ldc = out.size(1);
+  return ep;
+}
+
+// x as fp32 rows [m, k_pad], zero padded (x itself when it already is that).
+inline at::Tensor activation_rows(const at::Tensor& x, int64_t k_pad) {
+  if (x.scalar_type() == at::kFloat && x.size(1) == k_pad) return x;
+  at::Tensor rows = at::zeros({x.size(0), k_pad}, x.options().dtype(at::kFloat));
+  rows.narrow(1, 0, x.size(1)).copy_(x);
+  return rows;
+}
+
+// Tiles of x rows the tile kernels take: 32 wide while 32 rows remain, then 16 and/or 8 wide
+// (at most 7 padding rows wasted, except 9..15 left over).
+template <typename Fn>
+void for_each_tile(int64_t m, const Fn& fn) {
+  for (int64_t m0 = 0; m0 < m;) {
+    const int64_t left = m - m0;
+    const int64_t width = left >= kTileWidthLarge    ? kTileWidthLarge
+                          : left > kTileWidthSmall ? kTileWidthMedium
+                                                   : kTileWidthSmall;
+    fn(m0, width);
+    m0 += width;
+  }
+}
+
+// x_tiles (see SparseActivations): the transpose of x cut into tiles, zero padded.
+inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const at::Tensor xf = x.to(at::kFloat);
+  std::vector<std::pair<int64_t, int64_t>> list;
+  for_each_tile(m, [&](int64_t m0, int64_t width) { list.emplace_back(m0, width); });
+  const int64_t padded_rows = list.back().first + list.back().second;
+  at::Tensor tiles = at::empty({padded_rows * k_pad}, x.options().dtype(at::kFloat));
+  const float* src = xf.const_data_ptr<float>();
+  float* dst = tiles.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(list.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [m0, width] = list[t];
+      float* tile = dst + m0 * k_pad;
+      constexpr int64_t kBlock = 64;  // columns per pass: the block of tile rows stays in L1
+      for (int64_t k0 = 0; k0 < k_pad; k0 += kBlock) {
+        const int64_t k1 = std::min(k_pad, k0 + kBlock);
+        for (int64_t i = 0; i < width; ++i) {
+          const float* row = m0 + i < m ? src + (m0 + i) * k : nullptr;
+          for (int64_t c = k0; c < k1; ++c) tile[c * width + i] = row != nullptr && c < k ? row[c] : 0.0f;
+        }
+      }
+    }
+  });
+  return tiles;
+}
+
+// The activations for the kernels: x_rows for the portable loops and for M <= decode_max_rows,
+// else x_tiles. Returns the tensor that holds them (keep it alive while the kernels run).
+inline at::Tensor prepare_activations(const at::Tensor& x, int64_t k_pad, bool tiles, SparseActivations& act) {
+  act.k_pad = k_pad;
+  act.m = x.size(0);
+  at::Tensor storage = tiles ? activation_tiles(x, k_pad) : activation_rows(x, k_pad);
+  (tiles ? act.x_tiles : act.x_rows) = storage.const_data_ptr<float>();
+  return storage;
+}
+
+// Calls fn(n_begin, n_end) over chunks of output rows (multiples of 8) claimed from a shared
+// counter, so a thread slowed by another process does not hold up the rest. Returns false if any
+// call did.
+template <typename Fn>
+bool parallel_rows(int64_t n, const Fn& fn) {
+  if (n <= 0) return true;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = threads * kChunksPerThread;
+  const int64_t chunk = std::max<int64_t>(8, (n + chunks - 1) / chunks / 8 * 8);
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next_task{0};
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next_task.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next_task.fetch_add(1, std::memory_order_relaxed)) {
+      if (!fn(t * chunk, std::min(n, (t + 1) * chunk))) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
+}  // namespace sparseq::cpu
