@@ -10,8 +10,6 @@ a list of dict rows that `sparseq bench int8` reuses.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -19,6 +17,7 @@ import torch
 
 import sparseq
 from sparseq import PackedInt8Weight
+from sparseq.bench import time_interleaved  # noqa: F401  (the bench scripts import it from here too)
 
 FULL_SHAPES = {"linear_m": (1, 16, 128), "k": 4096, "n": 4096, "gemm_mnk": (512, 4096, 4096)}
 QUICK_SHAPES = {"linear_m": (1, 16, 128), "k": 4096, "n": 4096, "gemm_mnk": (256, 2048, 2048)}
@@ -27,24 +26,6 @@ QUICK_SHAPES = {"linear_m": (1, 16, 128), "k": 4096, "n": 4096, "gemm_mnk": (256
 def time_ms(fn: Callable[[], object], runs: int = 9, warmup: int = 2) -> float:
     """Median wall time of fn() in milliseconds."""
     return time_interleaved({"fn": fn}, runs, warmup)["fn"]
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median time (ms) of each fn, calling them in turn every round so that drift in the
-    machine's load (other processes, clocks) hits kernel and baseline alike. `clock` may be
-    time.process_time: CPU time, which time slices lost to other processes do not inflate
-    (meaningful with one thread only)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[name].append((clock() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _row(op: str, shape: str, impl: str, ms: float, baseline: str | None, base_ms: float | None, **extra) -> dict:

@@ -4,12 +4,12 @@
 """
 import argparse
 import copy
-import time
 
 import torch
 import torch.nn as nn
 
 import sparseq
+import sparseq.bench
 from sparseq.quant import quantize_, sqnr_db
 
 
@@ -18,16 +18,9 @@ def mlp(width: int, hidden: int) -> nn.Module:
                          nn.Linear(hidden, width))
 
 
-def median_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
+def median_ms(model: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+        return sparseq.bench.median_ms(lambda: model(x), x.device, warmup=3, repeats=20)
 
 
 def main() -> None:

@@ -152,6 +152,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
     return statistics.median(samples)
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2,
+                     clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Median time (ms) of each fn, calling them in turn every round so that drift in the
+    machine's load (other processes, clocks) hits kernel and baseline alike. `clock` may be
+    time.process_time: CPU time, which time slices lost to other processes do not inflate
+    (meaningful with one thread only)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append((clock() - start) * 1e3)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
 @dataclass
 class Candidate:
     name: str

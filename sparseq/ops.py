@@ -271,8 +271,13 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
 def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
                values: torch.Tensor, w_scale: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, *, out_features: int,
-               in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """x [M, K] @ W.T + bias for a BlockSparseWeight (blocks [bh, bw], empty blocks skipped)."""
+               in_features: Optional[int] = None, backend: Optional[str] = None,
+               indices_validated: bool = False) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for a BlockSparseWeight (blocks [bh, bw], empty blocks skipped).
+
+    indices_validated=True (the layers pass it: their BlockSparseWeight was validated when built
+    or loaded) spares the Triton kernel its host sync on the bad-index flag; bad indices are then
+    still never read out of bounds, but their blocks are dropped instead of raising."""
     _check_activation(x, in_features)
     _check_index(block_row_ptr, torch.int32, "block_row_ptr", x)
     _check_index(block_col_idx, torch.int32, "block_col_idx", x)
@@ -286,6 +291,13 @@ def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torc
                          f"with bh={bh} needs {-(-out_features // bh) + 1}")
     _check_sparse_values(x, values, w_scale, bias, out_features)
     which = _resolve_backend(backend, x.device)
+    if which == "ext" and x.device.type == "cuda":
+        # On GPUs block sparsity is Triton's (there is no CUDA kernel for it): "auto" takes it there.
+        if backend == "cuda":
+            raise ValueError("bsr_linear has no CUDA kernel; use backend='triton' (or 'auto')")
+        from .triton import is_available
+
+        which = "triton" if is_available() else "reference"
     if which == "ext":
         return torch.ops.sparseq.bsr_linear(x.contiguous(), block_row_ptr.contiguous(), block_col_idx.contiguous(),
                                             values.contiguous(), _contiguous_or_none(w_scale),
@@ -295,7 +307,8 @@ def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torc
 
         return bsr_matmul.bsr_linear(x.contiguous(), block_row_ptr.contiguous(), block_col_idx.contiguous(),
                                      values.contiguous(), _contiguous_or_none(w_scale),
-                                     _contiguous_or_none(bias), out_features)
+                                     _contiguous_or_none(bias), out_features,
+                                     check_indices=not indices_validated)
     return _ref.bsr_linear(x, block_row_ptr, block_col_idx, values, w_scale, bias, out_features)
 
 

@@ -17,7 +17,7 @@ def test_info(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["info", "--help"], ["bench", "--help"],
-                                  ["bench", "int8", "--help"]])
+                                  ["bench", "int8", "--help"], ["bench", "sparse", "--help"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -88,3 +88,62 @@ def test_bench_cold_cycles_through_weight_copies(tiny_quick_bench, monkeypatch, 
     result = json.loads(path.read_text())
     assert result["settings"]["weights"] == "cold"
     assert {row["weight_copies"] for row in result["rows"]} == {4}
+
+
+# ---------------------------------------------------------------------------------------------
+# sparseq bench sparse
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_sparse_writes_table_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the PNG part; the rest is covered below without it
+    path, png = tmp_path / "sparse.json", tmp_path / "sparse.png"
+    argv = ["bench", "sparse", "--m", "1,3", "--kn", "64x48", "--sparsity", "0.5,0.9", "--repeats", "1",
+            "--allow-reference", "--no-progress", "--json", str(path), "--png", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sparse/fp32" in out and "sparse/t.csr" in out and "sp.int8/t.int8" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(path.read_text())
+    assert result["settings"]["patterns"] == ["unstructured", "2:4", "block"]
+
+
+def test_bench_sparse_rows_cover_the_grid(capsys):
+    from sparseq import bench_sparse
+
+    result = bench_sparse.bench_sparse(sparsities=(0.5, 0.9), m_values=(1, 5), kn_values=((64, 40),),
+                                       repeats=1, warmup=0, allow_reference=True)
+    rows = result["rows"]
+    # 2:4 only at 50%: (unstructured, block) x 2 sparsities + 2:4, each for 2 M values
+    assert len(rows) == (2 * 2 + 1) * 2
+    for row in rows:
+        assert {"fp32_ms", "torch_csr_ms", "sparse_ms", "sparse_int8_ms", "sparse_vs_fp32",
+                "sparse_vs_torch_csr", "sparse_vs_sparseq_int8_dense"} <= set(row)
+        assert row["sparse_vs_fp32"] == pytest.approx(row["fp32_ms"] / row["sparse_ms"])
+    two_four = [row for row in rows if row["pattern"] == "2:4"]
+    assert all(row["sparsity"] == pytest.approx(0.5, abs=0.01) for row in two_four)
+    blocks = [row for row in rows if row["pattern"] == "block" and row["sparsity"] > 0.7]
+    assert blocks and all(0.75 <= row["sparsity"] <= 1.0 for row in blocks)
+    assert "2:4 is timed at 50% sparsity only" in result["notes"]
+    text = bench_sparse.format_table(rows)
+    assert "block 4x4" in text and "unstructured" in text
+
+
+def test_prune_to_patterns():
+    from sparseq import bench_sparse
+    from sparseq.formats import detect_pattern
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen)
+    assert detect_pattern(bench_sparse.prune_to(w, "2:4", 0.5, (4, 4), gen))["is_2_4"]
+    blocky = bench_sparse.prune_to(w, "block", 0.8, (4, 4), gen)
+    assert {c["block"]: c["fill"] for c in detect_pattern(blocky)["blocks"]}[(4, 4)] == 1.0
+    assert abs(float((bench_sparse.prune_to(w, "unstructured", 0.9, (4, 4), gen) == 0).float().mean()) - 0.9) < 0.02
+    with pytest.raises(ValueError, match="unknown pattern"):
+        bench_sparse.prune_to(w, "random", 0.5, (4, 4), gen)
+
+
+@pytest.mark.parametrize("argv", [["bench", "sparse", "--sparsity", "1.5"], ["bench", "sparse", "--block", "4by4"]])
+def test_bench_sparse_rejects_bad_options(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2

@@ -5,11 +5,9 @@
 #include <cstdint>
 
 #include "int8_kernels.h"
+#include "sparse_kernels.h"  // ValueType
 
 namespace sparseq::cpu {
-
-// Element type of stored sparse values; the float ones match OutType's numbering.
-enum class ValueType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
 // out[m, n] = sum over stored blocks (i, j) of row i = n / bh of
 //             sum_c x[m, j*bw + c] * values[blk, n % bh, c]   (* w_scale[n] if int8) + bias[n].

@@ -16,20 +16,12 @@
 #include "bsr_kernels.h"
 #include "op_common.h"
 #include "parallel_tiles.h"
+#include "sparse_op_common.h"  // value_type_of
 #include "sparseq/checks.h"
 #include "sparseq/cpu_features.h"
 
 namespace sparseq::cpu {
 namespace {
-
-ValueType value_type_of(const at::Tensor& values) {
-  switch (values.scalar_type()) {
-    case at::kBFloat16: return ValueType::kBFloat16;
-    case at::kHalf: return ValueType::kFloat16;
-    case at::kChar: return ValueType::kInt8;
-    default: return ValueType::kFloat32;
-  }
-}
 
 template <typename V, typename O>
 bool bsr_rows_portable_typed(const BsrProblem& p, int64_t r_begin, int64_t r_end) {

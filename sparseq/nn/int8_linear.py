@@ -15,31 +15,22 @@ import torch.nn as nn
 
 from .. import ops
 from ..formats import PackedInt8Weight
+from ._frozen import FrozenLinearBase
 
 _ACT_QMAX = {8: 127, 7: 63}
 
 
-class _PackedInt8Linear(nn.Module):
+class _PackedInt8Linear(FrozenLinearBase):
     """Buffers, packing, shape handling and conversions shared by the int8 linear layers.
 
     Subclasses define _linear_2d(x2d), the op call on a contiguous [M, in_features] input.
     """
 
-    # Kept in float32 whatever dtype the model is cast to (see _apply): the kernels read
-    # fp32 scales, and a bf16 round trip would lose precision silently.
     _FP32_BUFFERS = ("w_scale", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: Optional[torch.device | str] = None, backend: Optional[str] = None) -> None:
-        super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"in_features and out_features must be positive, got "
-                             f"{in_features} and {out_features}")
-        if backend is not None and backend not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {ops.BACKENDS}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend = backend
+        super().__init__(in_features, out_features, backend)
         # A packed all-zero weight: buffers of the right shapes for load_state_dict to fill.
         empty = PackedInt8Weight.from_int8(
             torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
@@ -71,6 +62,9 @@ class _PackedInt8Linear(nn.Module):
         return PackedInt8Weight(self.w_packed, self.w_scale, self.w_rowsum,
                                 self.in_features, self.out_features)
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.packed_weight().unpack()
+
     def to_dense(self) -> nn.Linear:
         """An fp32 nn.Linear holding the dequantized weight (and the bias), on this layer's device."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -81,31 +75,6 @@ class _PackedInt8Linear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        # Checked here, before flattening: a reshape would silently regroup a wrong last dim.
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects in_features={self.in_features} in the "
-                             f"last dimension, got input of shape {tuple(x.shape)}")
-        x2d = x.reshape(-1, self.in_features).contiguous()
-        if torch.is_grad_enabled() and x2d.requires_grad:
-            out = _GradThroughFrozenWeight.apply(x2d, self)
-        else:
-            out = self._linear_2d(x2d)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) / .half() cast every floating buffer; follow device moves only.
-        originals = {name: self._buffers[name] for name in self._FP32_BUFFERS
-                     if self._buffers.get(name) is not None}
-        super()._apply(fn, recurse)
-        for name, before in originals.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
-        return self
-
     def _extra_repr_options(self) -> str:
         return ""
 
@@ -113,23 +82,6 @@ class _PackedInt8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}{self._extra_repr_options()}, "
                 f"backend={self.backend or 'auto'}, packed_bytes={self.packed_weight().nbytes}")
-
-
-class _GradThroughFrozenWeight(torch.autograd.Function):
-    """Gradient with respect to the input through the frozen int8 weight: grad_x = grad_out @ W,
-    W the dequantized weight. Exact for the weight-only layer; for W8A8 the activation rounding is
-    passed straight through (its true derivative is zero almost everywhere, which would silently
-    stop training of anything upstream, e.g. adapters). The weight and bias get no gradient."""
-
-    @staticmethod
-    def forward(ctx, x2d: torch.Tensor, layer: _PackedInt8Linear) -> torch.Tensor:
-        ctx.layer = layer
-        return layer._linear_2d(x2d)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        weight = ctx.layer.packed_weight().unpack()
-        return (grad_out.float() @ weight).to(grad_out.dtype), None
 
 
 class Int8Linear(_PackedInt8Linear):

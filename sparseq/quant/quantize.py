@@ -15,7 +15,7 @@ SCHEMES = {
 
 # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so that
 # layer has to stay an nn.Linear (torch's own quantize_dynamic leaves it alone for this reason).
-_KEEP_AS_LINEAR = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
+KEEP_AS_LINEAR = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 
 def quantize_(model: nn.Module, scheme: str = "w8a8", filter_fn: Optional[FilterFn] = None,
@@ -37,7 +37,7 @@ def quantize_(model: nn.Module, scheme: str = "w8a8", filter_fn: Optional[Filter
     layer_cls = SCHEMES[scheme]
 
     def make_replacement(module: nn.Module, fqn: str) -> Optional[nn.Module]:
-        if not isinstance(module, nn.Linear) or isinstance(module, _KEEP_AS_LINEAR):
+        if not isinstance(module, nn.Linear) or isinstance(module, KEEP_AS_LINEAR):
             return None
         return layer_cls.from_dense(module, **layer_kwargs)
 

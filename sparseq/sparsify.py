@@ -1,0 +1,71 @@
+"""sparsify_: swap every nn.Linear whose weight holds zeros for a sparse layer, in place."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .convert import FilterFn, swap_modules
+from .nn import Int8WeightOnlyLinear, SparseInt8Linear, SparseLinear
+from .nn.sparse_linear import choose_format
+from .quant.quantize import KEEP_AS_LINEAR
+
+
+def pruned_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight ``linear`` computes with: weight_orig * weight_mask for a module pruned with
+    torch.nn.utils.prune (whose reparametrisation is still attached), else its weight."""
+    if hasattr(linear, "weight_orig") and hasattr(linear, "weight_mask"):
+        return (linear.weight_orig * linear.weight_mask).detach()
+    return linear.weight.detach()
+
+
+def _plain_copy(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear with ``weight`` folded in and no pruning hooks (the original is untouched)."""
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if linear.bias is not None:
+            plain.bias.copy_(linear.bias.detach())
+    return plain
+
+
+def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None, int8: bool = False,
+              format: str = "auto", skip: Iterable[str] = (), backend: Optional[str] = None) -> nn.Module:
+    """Replace every nn.Linear of ``model`` whose weight has zeros with a sparse layer, in place;
+    return ``model``.
+
+    A layer pruned with torch.nn.utils.prune (weight_orig / weight_mask) has its mask folded
+    first, so the zeros the mask makes are the ones the sparse kernels skip.
+    int8=False: SparseLinear.from_dense(format=format); "auto" keeps a layer dense (as an
+      nn.Linear, untouched) where its zeros are too few for a sparse kernel to be faster.
+    int8=True: SparseInt8Linear (int8 codes of the nonzeros); with format="auto", a layer too
+      dense for sparsity to pay becomes Int8WeightOnlyLinear (the same float-activation,
+      per-channel int8 numerics, dense).
+    filter_fn(module, name) -> bool and skip (fnmatch patterns) choose layers as in quantize_.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify_ expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("sparsify_ swaps submodules in place and cannot replace the model itself; "
+                         "use sparseq.nn.SparseLinear.from_dense(linear) for a single layer")
+
+    def make_replacement(module: nn.Module, fqn: str) -> Optional[nn.Module]:
+        if not isinstance(module, nn.Linear) or isinstance(module, KEEP_AS_LINEAR):
+            return None
+        weight = pruned_weight(module)
+        if not bool((weight == 0).any()):
+            return None
+        linear = _plain_copy(module, weight)
+        if not int8:
+            if format == "auto" and choose_format(weight).format == "dense":
+                # A pruned module still gets its mask folded (and its hooks dropped).
+                return linear if hasattr(module, "weight_orig") else None
+            return SparseLinear.from_dense(linear, format=format, backend=backend)
+        if format == "auto" and choose_format(weight).format == "dense":
+            return Int8WeightOnlyLinear.from_dense(linear, backend=backend)
+        return SparseInt8Linear.from_dense(linear, format=format, backend=backend)
+
+    swap_modules(model, make_replacement, filter_fn=filter_fn, skip=skip)
+    return model
