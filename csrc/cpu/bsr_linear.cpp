@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "bsr_kernels.h"
 #include "op_common.h"
@@ -136,23 +135,15 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, 
     p.xt = xt;
   }
 
-  // Chunks of block rows are claimed from a shared counter, so a thread slowed by another process
-  // on its core does not hold up the rest; small problems stay on the calling thread.
+  // Small problems stay on the calling thread: waking a second one costs more than it saves.
   const int64_t macs = m * std::max<int64_t>(1, p.nnzb) * p.bh * p.bw;
-  const int64_t threads = macs < (int64_t{1} << 17) ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(1, nb / (threads * kChunksPerThread));
-  const int64_t chunks = (nb + chunk - 1) / chunk;
-  std::atomic<int64_t> next_chunk{0};
-  std::atomic<bool> valid{true};
-  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next_chunk.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t r_begin = c * chunk, r_end = std::min(nb, r_begin + chunk);
-      const bool ok = use_avx2 ? bsr_rows_avx2(p, r_begin, r_end) : bsr_rows_portable(p, r_begin, r_end);
-      if (!ok) valid.store(false, std::memory_order_relaxed);
-    }
-  });
-  TORCH_CHECK(valid.load(), "sparseq: bsr_linear: invalid BSR indices: block_row_ptr must be non-decreasing "
+  const bool valid = parallel_rows(
+      nb,
+      [&](int64_t r_begin, int64_t r_end) {
+        return use_avx2 ? bsr_rows_avx2(p, r_begin, r_end) : bsr_rows_portable(p, r_begin, r_end);
+      },
+      1, macs < (int64_t{1} << 17));
+  TORCH_CHECK(valid, "sparseq: bsr_linear: invalid BSR indices: block_row_ptr must be non-decreasing "
               "from >= 0 to <= nnz_blocks=", p.nnzb, " and block_col_idx within [0, ", p.kb,
               ") (K=", k, ", bw=", p.bw, ")");
   return out;

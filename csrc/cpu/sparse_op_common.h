@@ -119,15 +119,16 @@ inline at::Tensor prepare_activations(const at::Tensor& x, int64_t k_pad, bool t
   return storage;
 }
 
-// Calls fn(n_begin, n_end) over chunks of output rows (multiples of 8) claimed from a shared
-// counter, so a thread slowed by another process does not hold up the rest. Returns false if any
-// call did.
+// Calls fn(n_begin, n_end) over chunks of rows (multiples of row_multiple) claimed from a shared
+// counter, so a thread slowed by another process does not hold up the rest; on the calling thread
+// alone when `serial`. Returns false if any call did.
 template <typename Fn>
-bool parallel_rows(int64_t n, const Fn& fn) {
+bool parallel_rows(int64_t n, const Fn& fn, int64_t row_multiple = 8, bool serial = false) {
   if (n <= 0) return true;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = serial ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunks = threads * kChunksPerThread;
-  const int64_t chunk = std::max<int64_t>(8, (n + chunks - 1) / chunks / 8 * 8);
+  const int64_t chunk =
+      std::max<int64_t>(row_multiple, (n + chunks - 1) / chunks / row_multiple * row_multiple);
   const int64_t tasks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next_task{0};
   std::atomic<bool> ok{true};
