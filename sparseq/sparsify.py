@@ -58,14 +58,19 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None, int8: bool
         if not bool((weight == 0).any()):
             return None
         linear = _plain_copy(module, weight)
-        if not int8:
-            if format == "auto" and choose_format(weight).format == "dense":
-                # A pruned module still gets its mask folded (and its hooks dropped).
-                return linear if hasattr(module, "weight_orig") else None
-            return SparseLinear.from_dense(linear, format=format, backend=backend)
-        if format == "auto" and choose_format(weight).format == "dense":
-            return Int8WeightOnlyLinear.from_dense(linear, backend=backend)
-        return SparseInt8Linear.from_dense(linear, format=format, backend=backend)
+        # Chosen once here (the layers' own "auto" would scan the weight's pattern again).
+        choice = choose_format(weight) if format == "auto" else None
+        if choice is not None and choice.format == "dense":
+            if int8:
+                return Int8WeightOnlyLinear.from_dense(linear, backend=backend)
+            # A pruned module still gets its mask folded (and its hooks dropped).
+            return linear if hasattr(module, "weight_orig") else None
+        layer_cls = SparseInt8Linear if int8 else SparseLinear
+        if choice is None:
+            return layer_cls.from_dense(linear, format=format, backend=backend)
+        layer = layer_cls.from_dense(linear, format=choice.format, block=choice.block, backend=backend)
+        layer.format_reason = choice.reason
+        return layer
 
     swap_modules(model, make_replacement, filter_fn=filter_fn, skip=skip)
     return model
