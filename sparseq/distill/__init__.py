@@ -1,0 +1,1 @@
+"""Knowledge distillation from a dense teacher into a compressed student."""

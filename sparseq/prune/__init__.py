@@ -1,0 +1,1 @@
+"""Pruning passes: zero weights by a criterion (magnitude, Wanda, SparseGPT, ...) in patterns the sparse kernels run fast."""
