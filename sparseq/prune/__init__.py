@@ -9,7 +9,8 @@ the result as is) and returns a Masks object (.attach(optimizer), .detach(), .ap
 from .magnitude import magnitude
 from .masks import Masks, prunable_layers
 from .patterns import Pattern, mask_from_scores, parse_pattern
+from .sparsegpt import sparsegpt
 from .wanda import wanda
 
 __all__ = ["magnitude", "Masks", "Pattern", "mask_from_scores", "parse_pattern", "prunable_layers",
-           "wanda"]
+           "sparsegpt", "wanda"]

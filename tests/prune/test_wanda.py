@@ -133,7 +133,7 @@ def test_wrong_shape_calibration_data_is_refused(mlp):
 
 def test_convolutions_are_refused_by_name():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 2))
-    with pytest.raises(ValueError, match="wanda prunes linear layers only; layer '0' is a Conv2d"):
+    with pytest.raises(ValueError, match="wanda .* prunes linear layers only; layer '0' is a Conv2d"):
         wanda(model, [torch.randn(1, 2, 4, 4)], 0.5, targets=(nn.Conv2d, nn.Linear))
 
 
