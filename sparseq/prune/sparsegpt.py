@@ -117,7 +117,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 def sparsegpt(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = None,
               pattern: Any = "unstructured", targets: Targets = (nn.Linear,),
               ignore: Iterable[str] = (), max_batches: Optional[int] = None,
-              blocksize: int = 128, percdamp: float = 0.01) -> Masks:
+              sequential: bool = True, blocksize: int = 128, percdamp: float = 0.01) -> Masks:
     """Prune ``model`` in place with SparseGPT; return the Masks.
 
     Every target layer gets the input Hessian H = 2 X^T X / n of its calibration inputs and is
@@ -132,6 +132,8 @@ def sparsegpt(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] 
     pattern: "unstructured", "n:m" or (bh, bw) blocks.
     targets / ignore: which layers, as for magnitude; only linear layers.
     max_batches: use at most this many calibration batches per layer group.
+    sequential: False calibrates every layer in one pass on the unpruned model (one pass
+      instead of one per group: faster, usually less accurate).
     blocksize: columns updated together (the lazy-batch size of the paper; also the span of an
       unstructured mask choice). percdamp: damping, a fraction of the mean diagonal of H.
     The model is restored if anything fails part way.
@@ -155,4 +157,4 @@ def sparsegpt(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] 
         return keep
 
     return prune_sequentially(model, layers, calib_data, start, finish, max_batches,
-                              method=f"sparsegpt ({pattern})")
+                              method=f"sparsegpt ({pattern})", sequential=sequential)

@@ -20,7 +20,7 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
 
 def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = None,
           pattern: Any = "unstructured", targets: Targets = (nn.Linear,), ignore: Iterable[str] = (),
-          max_batches: Optional[int] = None) -> Masks:
+          max_batches: Optional[int] = None, sequential: bool = True) -> Masks:
     """Prune ``model`` in place with Wanda; return the Masks.
 
     Each weight is scored |W_ij| * ||X_j||_2, X_j being input feature j of the layer over every
@@ -37,6 +37,8 @@ def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = No
     targets / ignore: which layers, as for magnitude; only linear layers (convolutions are
       refused by name).
     max_batches: use at most this many calibration batches per layer group.
+    sequential: False calibrates every layer in one pass on the unpruned model (one pass
+      instead of one per group: faster, usually less accurate).
     The model is restored if anything fails part way (e.g. a batch the model rejects).
     """
     pattern, sparsity, layers = layers_to_prune(model, sparsity, pattern, targets, ignore)
@@ -59,4 +61,4 @@ def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = No
         return keep
 
     return prune_sequentially(model, layers, calib_data, start, finish, max_batches,
-                              method=f"wanda ({pattern})")
+                              method=f"wanda ({pattern})", sequential=sequential)

@@ -61,6 +61,11 @@ def test_later_layers_are_calibrated_on_the_pruned_earlier_layers():
     from_dense = mask_from_scores(wanda_scores(dense.layers[1].weight, dense_hidden.norm(dim=0)), 0.5, per_row=True)
     assert torch.equal(masks["layers.1"], expected)
     assert not torch.equal(masks["layers.1"], from_dense)  # the test tells the two apart
+    one_pass = MLP((16, 32, 16))
+    one_pass.load_state_dict(dense.state_dict())
+    masks = wanda(one_pass, [x[:32], x[32:]], 0.5, sequential=False)
+    assert torch.equal(masks["layers.0"], first_mask)
+    assert torch.equal(masks["layers.1"], from_dense)
 
 
 class Attention(nn.Module):
