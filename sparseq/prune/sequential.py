@@ -10,7 +10,7 @@ so a pass costs only the part of the model up to that group.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,11 +33,7 @@ def linear_like(layers: Dict[str, nn.Module], method: str) -> None:
 
 def check_reiterable(calib_data: Iterable, what: str = "calib_data") -> None:
     """Layer-by-layer calibration reads the data once per group: refuse one-shot iterators."""
-    try:
-        one_shot = iter(calib_data) is calib_data
-    except TypeError:
-        return  # iter_batches names the problem
-    if one_shot:
+    if isinstance(calib_data, Iterator):
         raise TypeError(f"{what} is read once per group of layers and must be re-iterable (a list "
                         f"or a DataLoader), not a one-shot {type(calib_data).__name__}")
 
