@@ -6,10 +6,14 @@ torch.nn.utils.prune reparametrisation, so sparseq.sparsify_ and sparseq.quant.q
 the result as is) and returns a Masks object (.attach(optimizer), .detach(), .apply(),
 .report(), .sparsity()).
 """
+from .gradual import GradualPruner
 from .magnitude import magnitude
 from .masks import Masks, prunable_layers
 from .patterns import Pattern, mask_from_scores, parse_pattern
+from .regularizers import group_lasso_penalty, l1_penalty, soft_threshold
+from .sparsegpt import sparsegpt
 from .wanda import wanda
 
-__all__ = ["magnitude", "Masks", "Pattern", "mask_from_scores", "parse_pattern", "prunable_layers",
-           "wanda"]
+__all__ = ["magnitude", "wanda", "sparsegpt", "GradualPruner", "soft_threshold", "l1_penalty",
+           "group_lasso_penalty", "Masks", "Pattern", "mask_from_scores", "parse_pattern",
+           "prunable_layers"]

@@ -7,9 +7,8 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .masks import Masks, Targets, prunable_layers
-from .patterns import (Pattern, check_fits, check_scope, check_sparsity, global_masks_from_scores,
-                       mask_from_scores, parse_pattern)
+from .masks import Masks, Targets, layers_to_prune
+from .patterns import Pattern, check_scope, global_masks_from_scores, mask_from_scores
 
 logger = logging.getLogger("sparseq.prune")
 
@@ -38,12 +37,8 @@ def magnitude(model: nn.Module, sparsity: Optional[float] = None, scope: str = "
       seen as [out, in*kh*kw]).
     ignore: fnmatch patterns of module names left dense (with everything under them).
     """
-    pattern = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity, pattern)
     scope = check_scope(scope)
-    layers = prunable_layers(model, targets, ignore)
-    for name, layer in layers.items():
-        check_fits(pattern, layer.weight.shape, name)
+    pattern, sparsity, layers = layers_to_prune(model, sparsity, pattern, targets, ignore)
     scores = {name: layer.weight.detach().abs() for name, layer in layers.items()}
     masks = Masks(model, masks_by_scope(scores, sparsity, pattern, scope)).apply()
     logger.info("magnitude pruning (%s, %s scope): %d layers, %.2f%% of their weights zeroed",

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
+
+from .patterns import Pattern, check_fits, check_sparsity, parse_pattern
 
 Targets = Sequence[Type[nn.Module]]
 
@@ -51,6 +53,18 @@ def prunable_layers(model: nn.Module, targets: Targets = (nn.Linear,),
         raise ValueError(f"no prunable layers in {type(model).__name__}: nothing matches targets="
                          f"{tuple(t.__name__ for t in targets)} outside ignore={list(ignore)}")
     return layers
+
+
+def layers_to_prune(model: nn.Module, sparsity: Any, pattern: Any, targets: Targets,
+                    ignore: Iterable[str] | str | None) -> Tuple[Pattern, float, Dict[str, nn.Module]]:
+    """The checked (pattern, sparsity, layers) of a pruning pass: every argument validated and
+    every layer checked against the pattern before anything is modified."""
+    pattern = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity, pattern)
+    layers = prunable_layers(model, targets, ignore)
+    for name, layer in layers.items():
+        check_fits(pattern, layer.weight.shape, name)
+    return pattern, sparsity, layers
 
 
 class Masks(Mapping[str, torch.Tensor]):

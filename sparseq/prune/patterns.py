@@ -170,6 +170,14 @@ def _prune_blocks(scores: torch.Tensor, counts: torch.Tensor, target: int) -> to
     return keep
 
 
+def block_mask(scores: torch.Tensor, block: Tuple[int, int], target: int) -> torch.Tensor:
+    """The keep-mask of a 2-D ``scores`` that zeroes whole (bh, bw) blocks, lowest mean score
+    first, as many as bring the number of zeros nearest to ``target``."""
+    block_scores, counts = _block_scores(scores, block)
+    keep_blocks = _prune_blocks(block_scores.flatten(), counts.flatten(), target)
+    return _expand_blocks(keep_blocks.reshape(block_scores.shape), block, scores.shape)
+
+
 def mask_from_scores(scores: torch.Tensor, sparsity: Optional[float], pattern: Any = "unstructured",
                      name: str = "weight", per_row: bool = False) -> torch.Tensor:
     """The keep-mask (True = kept) of one weight's ``scores`` that zeroes the lowest-scoring
@@ -193,10 +201,7 @@ def mask_from_scores(scores: torch.Tensor, sparsity: Optional[float], pattern: A
     if pattern.kind == "n:m":
         keep = prune_lowest(matrix.reshape(-1, pattern.m), pattern.m - pattern.n)
     elif pattern.kind == "block":
-        block_scores, counts = _block_scores(matrix, pattern.block)
-        keep_blocks = _prune_blocks(block_scores.flatten(), counts.flatten(),
-                                    count_pruned(sparsity, matrix.numel()))
-        keep = _expand_blocks(keep_blocks.reshape(block_scores.shape), pattern.block, matrix.shape)
+        keep = block_mask(matrix, pattern.block, count_pruned(sparsity, matrix.numel()))
     elif per_row:
         keep = prune_lowest(matrix, count_pruned(sparsity, matrix.shape[1]))
     else:

@@ -9,12 +9,16 @@ so a pass costs only the part of the model up to that group.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import logging
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..calib import StopForward, input_hooks, run_batches
+from ..calib import StopForward, all_or_nothing, input_hooks, run_batches
+from .masks import Masks
+
+logger = logging.getLogger("sparseq.prune")
 
 
 def linear_like(layers: Dict[str, nn.Module], method: str) -> None:
@@ -29,11 +33,7 @@ def linear_like(layers: Dict[str, nn.Module], method: str) -> None:
 
 def check_reiterable(calib_data: Iterable, what: str = "calib_data") -> None:
     """Layer-by-layer calibration reads the data once per group: refuse one-shot iterators."""
-    try:
-        one_shot = iter(calib_data) is calib_data
-    except TypeError:
-        return  # iter_batches names the problem
-    if one_shot:
+    if isinstance(calib_data, Iterator):
         raise TypeError(f"{what} is read once per group of layers and must be re-iterable (a list "
                         f"or a DataLoader), not a one-shot {type(calib_data).__name__}")
 
@@ -101,16 +101,33 @@ def calibrate_group(model: nn.Module, layers: Dict[str, nn.Module], group: List[
 def prune_sequentially(model: nn.Module, layers: Dict[str, nn.Module], calib_data: Iterable,
                        start: Callable[[str, nn.Module], Callable[[torch.Tensor], None]],
                        finish: Callable[[str, nn.Module], torch.Tensor],
-                       max_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Prune ``layers`` group by group in execution order; return their keep-masks.
+                       max_batches: Optional[int] = None, method: str = "pruning",
+                       sequential: bool = True) -> Masks:
+    """Prune ``layers`` group by group in execution order; return their Masks. With
+    ``sequential=False`` every layer is calibrated in one pass on the unpruned model instead
+    (faster, usually less accurate).
 
     For each layer, ``start(name, layer)`` returns the function that accumulates its input
     statistics; once its group's calibration pass is done, ``finish(name, layer)`` prunes the
-    layer in place from them and returns its mask. The caller guards the model (all_or_nothing).
+    layer in place from them and returns its keep-mask. If anything fails part way the model's
+    parameters are restored.
     """
+    linear_like(layers, method)
     check_reiterable(calib_data)
+    with all_or_nothing(model):
+        masks = Masks(model, _prune_groups(model, layers, calib_data, start, finish, max_batches,
+                                           sequential))
+    logger.info("%s: %d layers, %.2f%% of their weights zeroed", method, len(masks),
+                100 * masks.sparsity())
+    return masks
+
+
+def _prune_groups(model, layers, calib_data, start, finish, max_batches,
+                  sequential) -> Dict[str, torch.Tensor]:
     masks: Dict[str, torch.Tensor] = {}
     groups, call_counts = execution_groups(model, layers, calib_data)
+    if not sequential:
+        groups = [[name for group in groups for name in group]]
     for group in groups:
         observers = {name: start(name, layers[name]) for name in group}
         calibrate_group(model, layers, group, calib_data, lambda name, x: observers[name](x),

@@ -2,18 +2,14 @@
 prune by |W_ij| * ||X_j||_2, the weight's magnitude times the norm of the input feature it reads."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-from ..calib import all_or_nothing
-from .masks import Masks, Targets, prunable_layers
-from .patterns import check_fits, check_sparsity, mask_from_scores, parse_pattern
-from .sequential import linear_like, prune_sequentially
-
-logger = logging.getLogger("sparseq.prune")
+from .masks import Masks, Targets, layers_to_prune
+from .patterns import mask_from_scores
+from .sequential import prune_sequentially
 
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
@@ -24,7 +20,7 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
 
 def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = None,
           pattern: Any = "unstructured", targets: Targets = (nn.Linear,), ignore: Iterable[str] = (),
-          max_batches: Optional[int] = None) -> Masks:
+          max_batches: Optional[int] = None, sequential: bool = True) -> Masks:
     """Prune ``model`` in place with Wanda; return the Masks.
 
     Each weight is scored |W_ij| * ||X_j||_2, X_j being input feature j of the layer over every
@@ -41,14 +37,11 @@ def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = No
     targets / ignore: which layers, as for magnitude; only linear layers (convolutions are
       refused by name).
     max_batches: use at most this many calibration batches per layer group.
+    sequential: False calibrates every layer in one pass on the unpruned model (one pass
+      instead of one per group: faster, usually less accurate).
     The model is restored if anything fails part way (e.g. a batch the model rejects).
     """
-    pattern = parse_pattern(pattern)
-    sparsity = check_sparsity(sparsity, pattern)
-    layers = prunable_layers(model, targets, ignore)
-    linear_like(layers, "wanda")
-    for name, layer in layers.items():
-        check_fits(pattern, layer.weight.shape, name)
+    pattern, sparsity, layers = layers_to_prune(model, sparsity, pattern, targets, ignore)
     squared_norms = {}
 
     def start(name, layer):
@@ -67,8 +60,5 @@ def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = No
             layer.weight.masked_fill_(~keep, 0)
         return keep
 
-    with all_or_nothing(model):
-        masks = Masks(model, prune_sequentially(model, layers, calib_data, start, finish, max_batches))
-    logger.info("wanda (%s): %d layers, %.2f%% of their weights zeroed", pattern, len(masks),
-                100 * masks.sparsity())
-    return masks
+    return prune_sequentially(model, layers, calib_data, start, finish, max_batches,
+                              method=f"wanda ({pattern})", sequential=sequential)
