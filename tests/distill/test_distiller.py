@@ -191,6 +191,24 @@ def test_fit_keeps_a_pruned_students_zeros_through_its_optimizer_hook():
     assert sum(history[-5:]) < sum(history[:5])
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_static"])
+def test_fit_trains_a_qat_student(scheme):
+    from sparseq.quant import QATLinear, prepare_qat
+
+    teacher = mlp([10, 32, 5], seed=0)
+    student = prepare_qat(mlp([10, 32, 5], seed=1), scheme, act_bits=7)
+    torch.manual_seed(4)
+    loader = [(torch.randn(16, 10), None) for _ in range(10)]
+    distiller = Distiller(teacher, student, output_kind="logits", features={"0": "0"})
+    held_out = (torch.randn(64, 10), None)
+    with torch.no_grad():
+        before = distiller.loss(held_out).item()
+    distiller.fit(loader, torch.optim.Adam(student.parameters(), lr=1e-2), epochs=3, progress=False)
+    with torch.no_grad():
+        after = distiller.loss(held_out).item()
+    assert type(student[0]) is QATLinear and after < 0.5 * before
+
+
 def test_bad_input_is_reported_clearly():
     teacher, student = mlp([6, 16, 3], seed=0), mlp([6, 8, 4], seed=1)
     with pytest.raises(TypeError, match="teacher must be an nn.Module"):
