@@ -42,7 +42,7 @@ import fnmatch
 import math
 import numbers
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..calib import eval_mode, main_output, run_batches
+from ..calib import eval_mode, input_hooks, main_output, run_batches
 
 __all__ = ["structured", "StructuredReport", "GroupReport", "GROUP_KINDS"]
 
@@ -582,7 +582,49 @@ def _unit_weights(group: _Group, modules: Dict[str, nn.Module]) -> List[torch.Te
     return tensors
 
 
-def _scores(group: _Group, unit_weights: List[torch.Tensor], importance: Importance) -> torch.Tensor:
+def _input_energy(model: nn.Module, groups: List[_Group], modules: Dict[str, nn.Module],
+                  calib_data: Iterable[Any]) -> Dict[str, torch.Tensor]:
+    """For each layer that reads a group's units: the sum over the calibration data of x_j ** 2
+    for every input feature / channel j."""
+    consumers = {member.name: modules[member.name] for group in groups
+                 for member in group.members if member.dim == 1}
+    energy: Dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        channels = x.movedim(-1 if type(module) is nn.Linear else 1, 0)
+        total = channels.pow(2).reshape(channels.shape[0], -1).sum(1)
+        energy[name] = energy[name] + total if name in energy else total
+
+    with input_hooks(consumers, accumulate):
+        run_batches(model, calib_data, what="calib_data")
+    missing = sorted(set(consumers) - set(energy))
+    if missing:
+        raise ValueError(f"structured: calib_data never reached {', '.join(missing)}, so their "
+                         f"inputs cannot be scored")
+    return energy
+
+
+def _activation_scores(group: _Group, modules: Dict[str, nn.Module],
+                       energy: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """sqrt(sum over the unit's input features j of every reading layer of ||W[:, j]||^2 *
+    sum x_j^2): the energy the unit sends into the next layers (Wanda's |W| * ||x||, summed)."""
+    total = torch.zeros(group.num_units)
+    for member in group.members:
+        if member.dim != 1:
+            continue
+        weight = modules[member.name].weight.detach().float()
+        column_energy = weight.pow(2).movedim(1, 0).reshape(weight.shape[1], -1).sum(1)
+        contribution = column_energy * energy[member.name].to(column_energy.device)
+        total += contribution.reshape(group.num_units, -1).sum(1).cpu()
+    return total.sqrt()
+
+
+def _scores(group: _Group, modules: Dict[str, nn.Module], importance: Importance,
+            energy: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    if importance == "activation":
+        return _activation_scores(group, modules, energy)
+    unit_weights = _unit_weights(group, modules)
     if importance == "l2":
         return torch.stack([w.float().pow(2).sum(1) for w in unit_weights]).sum(0).sqrt()
     if importance == "l1":
@@ -664,7 +706,7 @@ def _run_and_shape(model: nn.Module, example_inputs: Any, watch: Sequence[nn.Mod
     return main_output(captured["out"]), recorder
 
 
-def _check_arguments(model, ratio, importance, targets, round_to) -> Tuple[str, ...]:
+def _check_arguments(model, ratio, importance, targets, round_to, calib_data) -> Tuple[str, ...]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"structured: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
@@ -672,9 +714,12 @@ def _check_arguments(model, ratio, importance, targets, round_to) -> Tuple[str, 
     if not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"structured: ratio must be in [0, 1) (the fraction of units removed "
                          f"per group), got {ratio}")
-    if not callable(importance) and importance not in ("l1", "l2"):
-        raise ValueError(f"structured: importance must be 'l2', 'l1' or a callable, got "
-                         f"{importance!r}")
+    if not callable(importance) and importance not in ("l1", "l2", "activation"):
+        raise ValueError(f"structured: importance must be 'l2', 'l1', 'activation' or a callable, "
+                         f"got {importance!r}")
+    if (importance == "activation") != (calib_data is not None):
+        raise ValueError("structured: importance='activation' needs calib_data, and calib_data is "
+                         "used only by importance='activation'")
     if isinstance(targets, str):
         targets = (targets,)
     targets = tuple(targets)
@@ -695,7 +740,7 @@ def _ignored(name: str, patterns: Sequence[str]) -> bool:
 
 def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: Importance = "l2",
                targets: Iterable[str] = GROUP_KINDS, ignore: Iterable[str] = (),
-               round_to: int = 1) -> nn.Module:
+               round_to: int = 1, calib_data: Optional[Iterable[Any]] = None) -> nn.Module:
     """Remove whole neurons / channels / attention heads from ``model`` and shrink its layers.
 
     The model is changed in place -- every touched ``nn.Linear`` / ``nn.ConvNd`` /
@@ -719,9 +764,12 @@ def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: 
             shape is unchanged.
         importance: how to score a unit (higher is kept): ``"l2"`` -- the L2 norm of all the
             weights that leave and enter the unit (producer rows / out-channels and consumer
-            columns / in-channels, together); ``"l1"`` -- the sum of their magnitudes; or a
-            callable ``fn(group_name, unit_weights) -> Tensor[units]`` where ``unit_weights`` is
-            the list of the group's weight tensors, each reshaped to ``(units, -1)``.
+            columns / in-channels, together); ``"l1"`` -- the sum of their magnitudes;
+            ``"activation"`` -- the energy the unit sends into the layers that read it on
+            ``calib_data``, sqrt(sum_j ||W[:, j]||^2 * sum x_j^2) over its input features j of
+            those layers (Wanda's |W| * ||x|| for whole units); or a callable
+            ``fn(group_name, unit_weights) -> Tensor[units]`` where ``unit_weights`` is the list
+            of the group's weight tensors, each reshaped to ``(units, -1)``.
         targets: which kinds of groups to prune, a subset of ``GROUP_KINDS``: ``"linear"``
             (Linear -> Linear chains), ``"conv"`` (conv channels, with their BatchNorm),
             ``"ffn"`` (transformer feed-forward width), ``"heads"`` (attention heads).
@@ -729,14 +777,17 @@ def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: 
             it) is left alone.
         round_to: keep a multiple of this many units per group (e.g. 8 for kernel-friendly
             widths), rounding the kept count up.
+        calib_data: an iterable of batches (the sparseq.calib convention), needed by and only
+            by ``importance="activation"``.
 
     Raises:
         TypeError / ValueError: a model that is not an nn.Module, ratio outside [0, 1), an unknown
             importance or target kind, example_inputs the model rejects, a model that cannot be
             analysed (naming the module where tracing failed), no prunable group (with the
-            reasons). Nothing is changed in the model when an error is raised.
+            reasons), calib_data missing / given without importance="activation" / rejected by
+            the model. Nothing is changed in the model when an error is raised.
     """
-    targets = _check_arguments(model, ratio, importance, targets, round_to)
+    targets = _check_arguments(model, ratio, importance, targets, round_to, calib_data)
     ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
 
     blocks = _transformer_blocks(model)
@@ -769,13 +820,14 @@ def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: 
         raise ValueError(f"structured: no prunable group in {type(model).__name__} for targets "
                          f"{targets} (groups left alone -- {reasons})")
 
+    energy = _input_energy(model, chosen, modules, calib_data) if calib_data is not None else None
     # The whole plan first (scores, indices, new layers); nothing in the model changes until it
     # is complete.
     params_before = _parameter_count(model)
     index: Dict[str, Dict[int, torch.Tensor]] = {}
     reports, updates = [], []
     for group in chosen:
-        scores = _scores(group, _unit_weights(group, modules), importance)
+        scores = _scores(group, modules, importance, energy)
         keep = _units_kept(group.num_units, float(ratio), round_to)
         kept = torch.sort(torch.argsort(scores.cpu(), descending=True, stable=True)[:keep]).values
         for member in group.members:

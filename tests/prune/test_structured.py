@@ -128,6 +128,38 @@ def test_callable_importance_and_ignore():
     assert model[2].out_features == 12 and model[4].in_features == 12
 
 
+def test_activation_importance_scores_the_energy_each_neuron_sends_on():
+    model = make_mlp()
+    with torch.no_grad():  # neuron 3 never fires but has the largest weights: l2 would keep it
+        model[0].weight[3] = 10.0
+        model[0].bias[3] = -1e6
+        model[2].weight[:, 3] = 10.0
+    calib = [torch.randn(6, 8, dtype=torch.float64) for _ in range(3)]
+    x = torch.cat(calib)
+    hidden = torch.relu(model[0](x))
+    expected_first = (model[2].weight.pow(2).sum(0) * hidden.pow(2).sum(0)).sqrt()
+    second = torch.relu(model[2](hidden))
+    expected_second = (model[4].weight.pow(2).sum(0) * second.pow(2).sum(0)).sqrt()
+    keep_first = sorted(torch.topk(expected_first, 8).indices.tolist())
+    keep_second = sorted(torch.topk(expected_second, 6).indices.tolist())
+    assert 3 not in keep_first
+    structured(model, 0.5, calib[0], importance="activation", calib_data=calib)
+    assert [g.kept for g in model.structured_report.groups] == [keep_first, keep_second]
+
+
+def test_activation_importance_needs_calib_data_and_only_it_uses_it():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="importance='activation' needs calib_data"):
+        structured(make_mlp(), 0.5, x, importance="activation")
+    with pytest.raises(ValueError, match="calib_data is used only by importance='activation'"):
+        structured(make_mlp(), 0.5, x, calib_data=[x])
+    model = make_mlp()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calib_data: batch 0 could not be run"):
+        structured(model, 0.5, x, importance="activation", calib_data=[torch.randn(2, 3)])
+    assert_unchanged(model, state)
+
+
 # ------------------------------------------------------------------------------------ CNN
 
 
@@ -207,7 +239,8 @@ def test_cnn_prunes_chains_and_leaves_the_residual_stream_alone():
     torch.testing.assert_close(model(x), zeroed(x), rtol=1e-10, atol=1e-10)
 
 
-def test_cnn_units_that_contribute_nothing_are_removed_without_changing_the_output():
+@pytest.mark.parametrize("importance", ["l2", "activation"])
+def test_cnn_units_that_contribute_nothing_are_removed_without_changing_the_output(importance):
     model = make_cnn()
     with torch.no_grad():  # conv1 channels 4..7 and conv_a channels 0..7 feed nothing on
         model.conv1.weight[4:].mul_(1e-3)
@@ -216,10 +249,15 @@ def test_cnn_units_that_contribute_nothing_are_removed_without_changing_the_outp
         model.block.conv_b.weight[:, :8] = 0
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    structured(model, 0.5, x, targets="conv", ignore=["head_conv"])
+    calib = [x] if importance == "activation" else None
+    structured(model, 0.5, x, targets="conv", ignore=["head_conv"], importance=importance,
+               calib_data=calib)
     report = model.structured_report
-    assert [(g.name, g.kept) for g in report.groups] == \
-        [("conv1", [0, 1, 2, 3]), ("block.conv_a", list(range(8, 16)))]
+    assert [(g.name, g.units_after) for g in report.groups] == [("conv1", 4), ("block.conv_a", 8)]
+    if importance == "l2":
+        assert [g.kept for g in report.groups] == [[0, 1, 2, 3], list(range(8, 16))]
+    # "activation" scores 0 for the units feeding nothing and for channels the ReLU silences on x:
+    # it removes some of either, and the output on x is unchanged all the same.
     torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
 
@@ -370,6 +408,22 @@ def test_no_prunable_group_names_the_reasons():
         structured(nn.Sequential(OrderedDict(fc=nn.Linear(4, 3))).eval(), 0.5, torch.randn(2, 4))
     with pytest.raises(ValueError, match="no prunable group"):
         structured(make_mlp(), 0.5, torch.randn(2, 8, dtype=torch.float64), targets="conv")
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return self.out(torch.relu(self.fc2(hidden)))
+
+
+def test_a_layer_called_twice_is_never_pruned():
+    with pytest.raises(ValueError, match=r"fc1: feeds fc2, which is called more than once; "
+                                         r"fc2: called more than once"):
+        structured(CalledTwice().eval(), 0.5, torch.randn(2, 4))
 
 
 class DataDependent(nn.Module):
