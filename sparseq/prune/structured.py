@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..calib import eval_mode, input_hooks, main_output, run_batches
+from ..convert import swap_modules
 
 __all__ = ["structured", "StructuredReport", "GroupReport", "GROUP_KINDS"]
 
@@ -843,9 +844,7 @@ def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: 
     old_attributes = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in updates]
 
     def put(replacements: Dict[str, nn.Module], attributes) -> None:
-        for name, module in replacements.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
+        swap_modules(model, lambda module, name: replacements.get(name))
         for owner, attribute, value in attributes:
             setattr(owner, attribute, value)
 
