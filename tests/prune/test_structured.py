@@ -265,7 +265,7 @@ def test_cnn_units_that_contribute_nothing_are_removed_without_changing_the_outp
 
 
 def tiny_bert():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64,
@@ -321,7 +321,7 @@ def test_bert_ffn_only_leaves_heads_alone():
 
 
 def tiny_llama(kv_heads):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
