@@ -12,8 +12,9 @@ from .masks import Masks, prunable_layers
 from .patterns import Pattern, mask_from_scores, parse_pattern
 from .regularizers import group_lasso_penalty, l1_penalty, soft_threshold
 from .sparsegpt import sparsegpt
+from .structured import StructuredReport, structured
 from .wanda import wanda
 
 __all__ = ["magnitude", "wanda", "sparsegpt", "GradualPruner", "soft_threshold", "l1_penalty",
            "group_lasso_penalty", "Masks", "Pattern", "mask_from_scores", "parse_pattern",
-           "prunable_layers"]
+           "prunable_layers", "structured", "StructuredReport"]
