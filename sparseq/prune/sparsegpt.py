@@ -26,6 +26,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if rows.shape[0] == 0:
+            return
         total = self.rows + rows.shape[0]
         self.hessian.mul_(self.rows / total)
         rows = rows * (2.0 / total) ** 0.5
