@@ -1,5 +1,6 @@
 """Quantization passes over whole models."""
+from .calibrate import calibrate
 from .metrics import sqnr_db
+from .observers import MinMaxObserver, MSEObserver, Observer, PercentileObserver
 from .quantize import SCHEMES, quantize_
-
-__all__ = ["SCHEMES", "quantize_", "sqnr_db"]
+from .sensitivity import SensitivityReport, pow2_scale_cost, quantized_sqnr_db, sensitivity
