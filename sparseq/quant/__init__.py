@@ -4,3 +4,4 @@ from .metrics import sqnr_db
 from .observers import MinMaxObserver, MSEObserver, Observer, PercentileObserver
 from .quantize import SCHEMES, quantize_
 from .sensitivity import SensitivityReport, pow2_scale_cost, quantized_sqnr_db, sensitivity
+from .smooth_quant import SmoothQuantReport, smooth_quant
