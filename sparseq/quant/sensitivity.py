@@ -62,7 +62,7 @@ class SensitivityReport:
 
     def table(self) -> str:
         """The report as a text table."""
-        width = max([len("layer")] + [len(name) for name, _ in self.layers])
+        width = max([len("(all layers)")] + [len(name) for name, _ in self.layers])
         lines = [f"sensitivity to {self.scheme} (output SQNR with only that layer quantized)",
                  f"{'layer':<{width}}  {'SQNR dB':>8}"]
         lines += [f"{name:<{width}}  {db:8.2f}" for name, db in self.layers]

@@ -248,14 +248,14 @@ def smooth_quant(model: nn.Module, calib_data: Iterable[Any], alpha: float = 0.5
 
     report = SmoothQuantReport(alpha=float(alpha))
     groups: Dict[str, List[str]] = {}
-    orphans: Dict[str, str] = {}  # Linear -> why its own producer could not take the scale
+    orphans: List[str] = []  # Linears whose input no candidate module emitted as such
     for name in layers:
         if name not in stats.act_max:
             report.left_alone[name] = "the calibration data never reached it"
         elif len(stats.producers[name]) == 1 and name not in stats.unmatched:
             groups.setdefault(next(iter(stats.producers[name])), []).append(name)
         else:
-            orphans[name] = "no foldable producer of its input was found"
+            orphans.append(name)
 
     with all_or_nothing(model):
         folder = _Folder(model, batches[0])
@@ -268,13 +268,13 @@ def smooth_quant(model: nn.Module, calib_data: Iterable[Any], alpha: float = 0.5
                 report.smoothed.append(SmoothGroup(producer_name, consumer_names, kind,
                                                    float(s.min()), float(s.max())))
             else:
-                orphans.update({c: f"its producer {producer_name} is not a per-channel scale, or its output "
-                                   "also feeds something else (e.g. a residual connection)"
-                                for c in consumer_names})
-        for name, why in orphans.items():
+                report.left_alone.update({c: f"its producer {producer_name} is not a per-channel scale, or its "
+                                             "output also feeds something else (e.g. a residual connection)"
+                                          for c in consumer_names})
+        for name in orphans:
             group = _value_producer(name, layers, stats, folder, alpha)
             if group is None:
-                report.left_alone[name] = why
+                report.left_alone[name] = "no foldable producer of its input was found"
             else:
                 report.smoothed.append(group)
         if not folder.same_output():

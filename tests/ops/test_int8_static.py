@@ -155,13 +155,18 @@ def _bad_cases(x, w, bias):
     ]
 
 
-def test_bad_inputs_raise_clear_errors_at_the_door():
+def _good_and_bad_args():
     gen = _gen(1)
     w = _packed(20, 37, gen)
     x, bias = torch.randn(5, 37, generator=gen), torch.randn(20, generator=gen)
     good = dict(x=x, x_scale=_scale(0.1), w_packed=w.packed, w_scale=w.scale, w_rowsum=w.rowsum, bias=bias,
                 act_qmax=127)
-    for change, msg in _bad_cases(x, w, bias):
+    return good, _bad_cases(x, w, bias)
+
+
+def test_bad_inputs_raise_clear_errors_at_the_door():
+    good, bad_cases = _good_and_bad_args()
+    for change, msg in bad_cases:
         with pytest.raises((ValueError, TypeError), match=msg):
             ops.int8_linear_static(**{**good, **change})
     with pytest.raises(ValueError, match="no Triton kernel"):
@@ -172,11 +177,42 @@ def test_bad_inputs_raise_clear_errors_at_the_door():
 
 @needs_ext
 def test_bad_inputs_raise_clear_errors_in_the_kernel():
-    gen = _gen(1)
-    w = _packed(20, 37, gen)
-    x, bias = torch.randn(5, 37, generator=gen), torch.randn(20, generator=gen)
-    good = dict(x=x, x_scale=_scale(0.1), w_packed=w.packed, w_scale=w.scale, w_rowsum=w.rowsum, bias=bias,
-                act_qmax=127)
-    for change, msg in _bad_cases(x, w, bias):
+    good, bad_cases = _good_and_bad_args()
+    for change, msg in bad_cases:
         with pytest.raises(RuntimeError, match=msg.split(" tensor")[0]):
             torch.ops.sparseq.int8_linear_static(*{**good, **change}.values())
+
+
+def _cuda_kernels_available() -> bool:
+    if not (sparseq.HAS_EXT and torch.cuda.is_available()):
+        return False
+    return bool(sparseq._C.with_cuda) and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_kernels_available(), reason="needs a CUDA GPU (sm_80+) and sparseq built with CUDA")
+class TestCuda:
+    @pytest.mark.parametrize("m,k,n", [(1, 1, 17), (17, 3, 15), (4097, 67, 33), (5, 257, 40), (130, 4096, 64)])
+    @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+    @pytest.mark.parametrize("act_qmax", (63, 127))
+    def test_matches_reference(self, m, k, n, dtype, act_qmax):
+        gen = _gen(m + k + n)
+        w = _packed(n, k, gen)
+        x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+        x[0, 0] = float("nan") if m > 1 else x[0, 0]
+        for bias in (None, torch.randn(n, generator=gen)):
+            ref = _ref.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, act_qmax)
+            out = ops.int8_linear_static(x.cuda(), _scale(0.02).cuda(), w.packed.cuda(), w.scale.cuda(),
+                                         w.rowsum.cuda(), None if bias is None else bias.cuda(), act_qmax,
+                                         backend="cuda")
+            # Same fp32 steps (the GPU epilogue may round once more to the output dtype).
+            rtol = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+            torch.testing.assert_close(out.cpu(), ref, rtol=rtol, atol=1e-6, equal_nan=True)
+
+    def test_unusable_scale_gives_nan_without_a_host_sync(self):
+        w = _packed(9, 40, _gen(1))
+        x = torch.randn(3, 40, device="cuda")
+        for bad in (0.0, -1.0, float("inf"), 1e-45):
+            out = ops.int8_linear_static(x, _scale(bad).cuda(), w.packed.cuda(), w.scale.cuda(), w.rowsum.cuda(),
+                                         None, 127, backend="cuda")
+            assert out.isnan().all()
