@@ -153,10 +153,12 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
 class _Folder:
     """Applies folds to the model, probing each one first on a batch."""
 
-    def __init__(self, model: nn.Module, probe_batch: Any) -> None:
+    def __init__(self, model: nn.Module, probe_batch: Any, layers: List[nn.Module]) -> None:
         self.model = model
         self.batch = batch_to(probe_batch, model_device(model))
-        self.reference, _ = self.run([])
+        # The layers' inputs now, kept up to date as folds divide them (one forward per probe).
+        self.reference, inputs = self.run(layers)
+        self.inputs = {id(layer): xs for layer, xs in zip(layers, inputs)}
 
     def run(self, consumers: List[nn.Module]) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]]]:
         """The model's float output tensors on the probe batch, and the inputs of ``consumers``."""
@@ -190,7 +192,7 @@ class _Folder:
         became x / r and the model's outputs did not move; otherwise it is undone."""
         touched = [producer] + consumers
         saved = [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in touched]
-        _, before = self.run(consumers)
+        before = [self.inputs[id(c)] for c in consumers]
         probe = 0.5 + 1.5 * torch.rand(s.shape, generator=torch.Generator().manual_seed(len(s)))
         self.apply(producer, kind, consumers, probe)
         outputs, after = self.run(consumers)
@@ -204,6 +206,8 @@ class _Folder:
                     getattr(module, k).copy_(v)
         if valid:
             self.apply(producer, kind, consumers, s)
+            for consumer, xs in zip(consumers, before):
+                self.inputs[id(consumer)] = [x / s.to(x) for x in xs]
         return valid
 
 
@@ -258,7 +262,7 @@ def smooth_quant(model: nn.Module, calib_data: Iterable[Any], alpha: float = 0.5
             orphans.append(name)
 
     with all_or_nothing(model):
-        folder = _Folder(model, batches[0])
+        folder = _Folder(model, batches[0], list(layers.values()))
         for producer_name, consumer_names in groups.items():
             producer = stats.candidates[producer_name]
             kind = _foldable_producer(producer, layers[consumer_names[0]].in_features)
