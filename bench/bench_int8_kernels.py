@@ -1,6 +1,6 @@
 """CPU int8 kernel benchmark: each sparseq kernel beside its PyTorch baseline, same process.
 
-    python bench/bench_int8_kernels.py [--quick] [--threads 2] [--runs 9]
+    python bench/bench_int8_kernels.py [--quick] [--threads 2] [--runs 9] [--clock wall|cpu]
 
 Baselines: fp32 nn.Linear / torch.matmul, and torch.ao.quantization.quantize_dynamic (fbgemm,
 7-bit activations). Timings are medians of `runs` calls after warm-up, with the weight hot in
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+import time
 from typing import Callable
 
 import torch
@@ -44,8 +45,11 @@ def _quantize_dynamic(linear: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def bench_int8_kernels(quick: bool = False, runs: int = 9, threads: int | None = 2) -> list[dict]:
-    """Times the CPU int8 kernels and their baselines; returns one dict per (op, shape, impl)."""
+def bench_int8_kernels(quick: bool = False, runs: int = 9, threads: int | None = 2,
+                       clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+    """Times the CPU int8 kernels and their baselines; returns one dict per (op, shape, impl).
+    clock: time.perf_counter (wall), or time.process_time (CPU time of the process, which
+    time slices lost to other processes do not inflate; meaningful with threads=1)."""
     if threads is not None:
         torch.set_num_threads(threads)
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
@@ -57,6 +61,7 @@ def bench_int8_kernels(quick: bool = False, runs: int = 9, threads: int | None =
     packed = PackedInt8Weight.pack(linear.weight)
     dyn = _quantize_dynamic(linear)
     bias = linear.bias.detach()
+    x_scale = torch.tensor([4.0 / 127])  # a calibrated range of |x| <= 4 for randn activations
     weight_bytes = packed.packed.numel()
     for m in shapes["linear_m"]:
         x = torch.randn(m, k)
@@ -66,8 +71,11 @@ def bench_int8_kernels(quick: bool = False, runs: int = 9, threads: int | None =
             "qdyn": lambda: dyn(x),
             "w8a8_63": lambda: ops.int8_linear(x, packed.packed, packed.scale, packed.rowsum, bias, 63),
             "w8a8_127": lambda: ops.int8_linear(x, packed.packed, packed.scale, packed.rowsum, bias, 127),
+            "w8a8s_63": lambda: ops.int8_linear_static(x, x_scale, packed.packed, packed.scale, packed.rowsum, bias, 63),
+            "w8a8s_127": lambda: ops.int8_linear_static(x, x_scale, packed.packed, packed.scale, packed.rowsum, bias,
+                                                        127),
             "wo": lambda: ops.int8_weight_only_linear(x, packed.packed, packed.scale, bias),
-        }, runs)
+        }, runs, clock=clock)
         rows.append(_row("linear", shape, "torch fp32 nn.Linear", t["fp32"], None, None))
         rows.append(_row("linear", shape, "torch quantize_dynamic (fbgemm)", t["qdyn"], "torch fp32 nn.Linear",
                          t["fp32"]))
@@ -75,6 +83,11 @@ def bench_int8_kernels(quick: bool = False, runs: int = 9, threads: int | None =
             ms = t[f"w8a8_{qmax}"]
             rows.append(_row("int8_linear", shape, f"sparseq int8_linear act_qmax={qmax}", ms,
                              "torch fp32 nn.Linear", t["fp32"], vs_quantize_dynamic=round(t["qdyn"] / ms, 3)))
+        for qmax in (63, 127):
+            ms = t[f"w8a8s_{qmax}"]
+            rows.append(_row("int8_linear_static", shape, f"sparseq int8_linear_static act_qmax={qmax}", ms,
+                             "torch fp32 nn.Linear", t["fp32"], vs_quantize_dynamic=round(t["qdyn"] / ms, 3),
+                             vs_dynamic_int8_linear=round(t[f"w8a8_{qmax}"] / ms, 3)))
         rows.append(_row("int8_weight_only_linear", shape, "sparseq int8_weight_only_linear", t["wo"],
                          "torch fp32 nn.Linear", t["fp32"], vs_quantize_dynamic=round(t["qdyn"] / t["wo"], 3),
                          weight_gb_per_s=round(weight_bytes / t["wo"] / 1e6, 2)))
@@ -98,7 +111,8 @@ def print_rows(rows: list[dict]) -> None:
     for r in rows:
         sp = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         qd = f"{r['vs_quantize_dynamic']:.2f}x" if r.get("vs_quantize_dynamic") is not None else ""
-        extra = ", ".join(f"{key}={r[key]}" for key in ("weight_gb_per_s", "gmac_per_s") if key in r)
+        extra = ", ".join(f"{key}={r[key]}" for key in ("weight_gb_per_s", "gmac_per_s", "vs_dynamic_int8_linear")
+                          if key in r)
         print(f"{r['op']:<24} {r['shape']:<22} {r['impl']:<44} {r['ms']:>9.3f} {sp:>12} {qd:>8}  {extra}")
 
 
@@ -107,11 +121,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller GEMM shape, same linear shapes")
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time (unaffected by other processes; use with --threads 1)")
     args = parser.parse_args()
     if not sparseq.HAS_EXT:
         raise SystemExit(f"sparseq's compiled extension is not available: {sparseq.EXT_ERROR}")
     print(f"torch {torch.__version__}, {args.threads} threads, cpu features {sparseq._C.cpu_features()}")
-    print_rows(bench_int8_kernels(quick=args.quick, runs=args.runs, threads=args.threads))
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print_rows(bench_int8_kernels(quick=args.quick, runs=args.runs, threads=args.threads, clock=clock))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ TORCH_LIBRARY(sparseq, m) {
   m.def(
       "int8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor w_rowsum, Tensor? bias, "
       "int act_qmax) -> Tensor");
+  // W8A8 static linear: as int8_linear, but every row is quantized with the one calibrated scale
+  // s = x_scale[0] (fp32 [1], read on the device: no host sync). In fp32, IEEE round to nearest:
+  //   inv = 1.0f / s;  q = clamp(round_half_even(x * inv), -act_qmax, act_qmax)
+  //   out = float(acc) * (s * w_scale[n]) + bias[n], in x's dtype.
+  // A row holding NaN/Inf quantizes to zeros with scale NaN (its outputs are NaN), and so does
+  // every row when s is not positive and finite or 1/s overflows (see _ref.quantize_static).
+  m.def(
+      "int8_linear_static(Tensor x, Tensor x_scale, Tensor w_packed, Tensor w_scale, Tensor w_rowsum, "
+      "Tensor? bias, int act_qmax) -> Tensor");
   // Weight-only int8 linear: x float [M,K] times the dequantized n16k4-packed weight
   // (w[n,k] * w_scale[n]) plus bias, in x's dtype.
   m.def(

@@ -39,6 +39,17 @@ def unpack_n16k4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.permute(0, 2, 1, 3).reshape(nb * PACK_N, kq * PACK_K)[:n, :k].contiguous()
 
 
+def _quantize_rows(xf: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor, finite: torch.Tensor,
+                   qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = clamp(round_half_even(xf * inv), -qmax, qmax) as int8, scale per row; the rows where
+    ``finite`` is False get q = 0 and scale NaN, so their outputs are NaN rather than silently
+    finite. inv and scale broadcast against [M, 1] and [M]."""
+    q = torch.round(xf * inv).clamp_(-qmax, qmax)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q, scale
+
+
 def quantize_per_row(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization: q = round_half_even(x * (qmax / absmax)) in [-qmax, qmax].
 
@@ -51,10 +62,30 @@ def quantize_per_row(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
     finite = torch.isfinite(absmax)
     absmax = torch.where(finite & (absmax > 0), absmax, torch.ones_like(absmax))
     inv = torch.full_like(absmax, float(qmax)) / absmax
-    q = torch.round(xf * inv[:, None]).clamp_(-qmax, qmax)
-    q = torch.where(finite[:, None], q, torch.zeros_like(q)).to(torch.int8)
-    scale = torch.where(finite, absmax / qmax, torch.full_like(absmax, float("nan")))
-    return q, scale
+    return _quantize_rows(xf, inv[:, None], absmax / qmax, finite, qmax)
+
+
+def static_inverse_scale(x_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv, usable) for int8_linear_static's scale s (fp32 [1]): inv = 1.0f / s in fp32, and
+    whether s is positive and finite with a finite inverse."""
+    s = x_scale.float().reshape(1)
+    inv = torch.ones_like(s) / s
+    usable = (s > 0) & torch.isfinite(s) & torch.isfinite(inv)
+    return inv, usable
+
+
+def quantize_static(x: torch.Tensor, x_scale: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization with one given scale s = x_scale[0] (fp32 [1]):
+    q = clamp(round_half_even(x * (1.0f / s)), -qmax, qmax), all in fp32.
+
+    Returns (q int8 [M,K], scale float32 [M]) with scale[m] = s, except rows holding NaN/Inf, and
+    every row when s is not positive and finite or 1/s overflows: q = 0 and scale NaN there.
+    """
+    xf = x.float()
+    inv, usable = static_inverse_scale(x_scale)
+    finite = torch.isfinite(xf).all(dim=1) & usable
+    scale = x_scale.float().reshape(1).expand(xf.shape[0])
+    return _quantize_rows(xf, inv, scale, finite, qmax)
 
 
 def dequant_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -72,6 +103,15 @@ def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     q, x_scale = quantize_per_row(x, act_qmax)
     acc = int8_gemm(q, unpack_n16k4(w_packed, n, k))
     return dequant_epilogue(acc, x_scale, w_scale, bias, x.dtype)
+
+
+def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                       w_rowsum: torch.Tensor, bias: torch.Tensor | None, act_qmax: int) -> torch.Tensor:
+    """W8A8 static linear (one calibrated activation scale); see csrc/ops.cpp for the contract."""
+    n, k = w_scale.shape[0], x.shape[1]
+    q, row_scale = quantize_static(x, x_scale, act_qmax)
+    acc = int8_gemm(q, unpack_n16k4(w_packed, n, k))
+    return dequant_epilogue(acc, row_scale, w_scale, bias, x.dtype)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import sparseq
 from . import ops
-from .nn import Int8Linear, Int8WeightOnlyLinear
+from .nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear
 
 FULL_M = (1, 16, 128, 512)
 FULL_KN = ((4096, 4096), (1024, 4096), (4096, 1024))
@@ -223,6 +223,11 @@ def candidates(linear: nn.Linear, device: torch.device,
     cands += [
         Candidate("sparseq Int8Linear (a8)", backend, Int8Linear.from_dense(linear, act_bits=8), act_dtype),
         Candidate("sparseq Int8Linear (a7)", backend, Int8Linear.from_dense(linear, act_bits=7), act_dtype),
+        # Static activations: the scale a calibration on randn inputs would give (|x| <= 4).
+        Candidate("sparseq Int8StaticLinear (a8)", backend,
+                  Int8StaticLinear.from_dense(linear, x_scale=4.0 / 127, act_bits=8), act_dtype),
+        Candidate("sparseq Int8StaticLinear (a7)", backend,
+                  Int8StaticLinear.from_dense(linear, x_scale=4.0 / 63, act_bits=7), act_dtype),
         Candidate("sparseq Int8WeightOnlyLinear", backend, Int8WeightOnlyLinear.from_dense(linear),
                   act_dtype),
     ]

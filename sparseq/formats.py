@@ -29,14 +29,25 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError("weight contains NaN or Inf; cannot quantize it")
 
 
-def _quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pow2_ceil(t: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= each (positive, finite) float32 value: 2^ceil(log2(t)), exact."""
+    mantissa, exponent = torch.frexp(t.float())  # t = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(mantissa), exponent)
+
+
+def _quantize_per_channel(weight: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q int8 [N, K] in [-127, 127], scale float32 [N]).
 
-    Zeros stay zeros, so every sparse format keeps its structure when quantized.
+    pow2_scales rounds each scale up to a power of two (q = round(W * 2^p), so dequantization is
+    a shift); rounding up keeps |W| / scale <= 127, so nothing clips. Zeros stay zeros, so every
+    sparse format keeps its structure when quantized.
     """
     w = weight.detach().float()
     absmax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    if pow2_scales:
+        scale = pow2_ceil(scale)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -55,10 +66,11 @@ class PackedInt8Weight:
     out_features: int
 
     @classmethod
-    def pack(cls, weight: torch.Tensor) -> "PackedInt8Weight":
-        """Quantize a float weight [N, K] per output channel and pack it once."""
+    def pack(cls, weight: torch.Tensor, pow2_scales: bool = False) -> "PackedInt8Weight":
+        """Quantize a float weight [N, K] per output channel and pack it once; pow2_scales rounds
+        every scale up to a power of two."""
         _check_weight(weight)
-        return cls.from_int8(*_quantize_per_channel(weight))
+        return cls.from_int8(*_quantize_per_channel(weight, pow2_scales))
 
     @classmethod
     def from_int8(cls, q: torch.Tensor, scale: torch.Tensor) -> "PackedInt8Weight":

@@ -134,6 +134,34 @@ def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     return _ref.int8_linear(x, w_packed, w_scale, w_rowsum, bias, act_qmax)
 
 
+def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                       w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127, *,
+                       in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """W8A8 static linear: every row of x [M, K] quantized with the one calibrated activation
+    scale s = x_scale[0] (x_scale: float32 [1] on x's device, so no host sync),
+    q = clamp(round_half_even(x * (1/s)), -act_qmax, act_qmax), then int8_linear's GEMM,
+    dequantization and bias. Rows holding NaN/Inf, and all rows when s is not a usable positive
+    finite scale, give NaN outputs. Pass in_features to have K checked exactly."""
+    _check_activation(x, in_features)
+    _check_packed(x, w_packed, w_scale, bias)
+    if (not isinstance(x_scale, torch.Tensor) or x_scale.dtype != torch.float32
+            or tuple(x_scale.shape) != (1,)):
+        got = f"{x_scale.dtype} {tuple(x_scale.shape)}" if isinstance(x_scale, torch.Tensor) else type(x_scale).__name__
+        raise ValueError(f"x_scale must be a float32 tensor of shape (1,), got {got}")
+    if x_scale.device != x.device:
+        raise ValueError(f"x_scale is on {x_scale.device} but x is on {x.device}")
+    if act_qmax not in (63, 127):
+        raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
+    which = _resolve_backend(backend, x.device)
+    if which == "ext":
+        return torch.ops.sparseq.int8_linear_static(x.contiguous(), x_scale, w_packed.contiguous(),
+                                                    w_scale.contiguous(), w_rowsum.contiguous(),
+                                                    _contiguous_or_none(bias), act_qmax)
+    if which == "triton":
+        raise ValueError("int8_linear_static has no Triton kernel; use backend='auto', 'cpu' or 'cuda'")
+    return _ref.int8_linear_static(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax)
+
+
 def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                             bias: Optional[torch.Tensor] = None, *, in_features: Optional[int] = None,
                             backend: Optional[str] = None) -> torch.Tensor:
@@ -320,6 +348,10 @@ if HAS_EXT:
 
     @torch.library.register_fake("sparseq::int8_linear")
     def _int8_linear_fake(x, w_packed, w_scale, w_rowsum, bias, act_qmax):
+        return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+    @torch.library.register_fake("sparseq::int8_linear_static")
+    def _int8_linear_static_fake(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax):
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     @torch.library.register_fake("sparseq::int8_weight_only_linear")

@@ -235,7 +235,7 @@ SPARSEQ_AVX2 void add_u8_rows_avx2(const uint8_t* const* rows, int64_t count, in
 
 SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin,
                                      int64_t m_end, int32_t qmax, uint8_t* a_u, int8_t* a_sign,
-                                     int64_t lda, float* x_scale) {
+                                     int64_t lda, float* x_scale, const float* static_scale) {
   const size_t elem = x_type == OutType::kFloat32 ? 4 : 2;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i vqmax = _mm256_set1_epi32(qmax);
@@ -262,7 +262,8 @@ SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, i
     }
     uint8_t* u_row = a_u + m * lda;
     int8_t* s_row = offset_form ? nullptr : a_sign + m * lda;
-    if (absmax_bits >= 0x7f800000u) {
+    const float inv_static = static_scale != nullptr ? static_inverse_scale(*static_scale) : 0.0f;
+    if (absmax_bits >= 0x7f800000u || (static_scale != nullptr && inv_static == 0.0f)) {
       // A NaN/Inf row quantizes to zeros with a NaN scale: its outputs come out NaN (see _ref).
       x_scale[m] = __builtin_nanf("");
       std::memset(u_row, offset_form ? qmax + 1 : 0, static_cast<size_t>(k));
@@ -270,11 +271,17 @@ SPARSEQ_AVX2 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, i
       if (!offset_form) std::memset(s_row, 0, static_cast<size_t>(lda));
       continue;
     }
-    float absmax;
-    std::memcpy(&absmax, &absmax_bits, sizeof(absmax));
-    if (!(absmax > 0.0f)) absmax = 1.0f;
-    const float inv = static_cast<float>(qmax) / absmax;
-    x_scale[m] = absmax / static_cast<float>(qmax);
+    float inv;
+    if (static_scale != nullptr) {
+      inv = inv_static;
+      x_scale[m] = *static_scale;
+    } else {
+      float absmax;
+      std::memcpy(&absmax, &absmax_bits, sizeof(absmax));
+      if (!(absmax > 0.0f)) absmax = 1.0f;
+      inv = static_cast<float>(qmax) / absmax;
+      x_scale[m] = absmax / static_cast<float>(qmax);
+    }
     const __m256 vinv = _mm256_set1_ps(inv);
     i = 0;
     for (; i + 32 <= k; i += 32) {

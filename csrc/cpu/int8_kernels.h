@@ -59,12 +59,24 @@ void add_u8_rows_avx2(const uint8_t* const* rows, int64_t count, int64_t m, int3
 
 // Per-row symmetric activation quantization, bit-exact with sparseq/_ref.py quantize_per_row:
 // absmax (0 -> 1), inv = float(qmax) / absmax, q = round_half_even(x * inv) clamped to +-qmax,
-// x_scale = absmax / qmax. Writes row m of the kernel's activation operand:
+// x_scale = absmax / qmax. With static_scale (int8_linear_static, _ref.quantize_static) the one
+// given scale s replaces the per-row one: inv = 1.0f / s, x_scale[m] = s; a scale that is not
+// positive and finite with a finite inverse makes every row quantize like a non-finite row.
+// Either way a row holding NaN/Inf gets q = 0 and x_scale NaN. Writes row m of the kernel's
+// activation operand:
 //   a_sign == nullptr: a_u = q + qmax + 1 (the offset form, for qmax = 63);
 //   otherwise a_u = |q|, a_sign = q.
 // K is padded to lda with zeros in both (a_u padding is harmless: packed w is zero there).
 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin, int64_t m_end,
-                        int32_t qmax, uint8_t* a_u, int8_t* a_sign, int64_t lda, float* x_scale);
+                        int32_t qmax, uint8_t* a_u, int8_t* a_sign, int64_t lda, float* x_scale,
+                        const float* static_scale = nullptr);
+
+// The static quantizer's 1 / s, or 0 when s is unusable (not positive and finite, or its inverse
+// overflows): the quantizers then treat every row as non-finite.
+inline float static_inverse_scale(float s) {
+  const float inv = 1.0f / s;
+  return s > 0.0f && s <= 3.4028234663852886e38f && inv <= 3.4028234663852886e38f ? inv : 0.0f;
+}
 
 // Weight-only linear: out[m, n] = sum_k x[m, k] * (w[n, k] * w_scale[n]) + bias[n].
 // x_f32 is fp32 [m, ldx] zero padded to ldx = 4 * k_quads.

@@ -1,5 +1,6 @@
-// CPU int8_linear (W8A8 dynamic): fused per-row activation quantization, then the shared int8
-// GEMM core (int8_gemm.cpp / int8_gemm_avx2.cpp) with the dequantization epilogue fused.
+// CPU int8_linear (W8A8 dynamic) and int8_linear_static (W8A8 with a calibrated per-tensor
+// activation scale): fused activation quantization (per row, or with the given scale), then the
+// shared int8 GEMM core (int8_gemm.cpp / int8_gemm_avx2.cpp) with the dequantization epilogue fused.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -21,7 +22,8 @@ namespace {
 
 template <typename T>
 void quantize_rows_portable_typed(const T* x, int64_t k, int64_t m_begin, int64_t m_end, int32_t qmax,
-                                  uint8_t* a_u, int8_t* a_sign, int64_t lda, float* x_scale) {
+                                  uint8_t* a_u, int8_t* a_sign, int64_t lda, float* x_scale,
+                                  const float* static_scale) {
   for (int64_t m = m_begin; m < m_end; ++m) {
     const T* row = x + m * k;
     float absmax = 0.0f;
@@ -31,10 +33,18 @@ void quantize_rows_portable_typed(const T* x, int64_t k, int64_t m_begin, int64_
       finite = finite && std::isfinite(v);
       absmax = std::max(absmax, std::fabs(v));
     }
-    if (!finite || !(absmax > 0.0f)) absmax = 1.0f;
-    const float inv = static_cast<float>(qmax) / absmax;
+    float inv, scale;
+    if (static_scale != nullptr) {
+      inv = static_inverse_scale(*static_scale);
+      finite = finite && inv != 0.0f;
+      scale = *static_scale;
+    } else {
+      if (!finite || !(absmax > 0.0f)) absmax = 1.0f;
+      inv = static_cast<float>(qmax) / absmax;
+      scale = absmax / static_cast<float>(qmax);
+    }
     // A NaN/Inf row quantizes to zeros with a NaN scale: its outputs come out NaN (see _ref).
-    x_scale[m] = finite ? absmax / static_cast<float>(qmax) : std::numeric_limits<float>::quiet_NaN();
+    x_scale[m] = finite ? scale : std::numeric_limits<float>::quiet_NaN();
     uint8_t* u = a_u + m * lda;
     int8_t* s = a_sign != nullptr ? a_sign + m * lda : nullptr;
     for (int64_t i = 0; i < lda; ++i) {
@@ -55,38 +65,43 @@ void quantize_rows_portable_typed(const T* x, int64_t k, int64_t m_begin, int64_
 }
 
 void quantize_rows_portable(const at::Tensor& x, int64_t m_begin, int64_t m_end, int32_t qmax, uint8_t* a_u,
-                            int8_t* a_sign, int64_t lda, float* x_scale) {
+                            int8_t* a_sign, int64_t lda, float* x_scale, const float* static_scale) {
   const int64_t k = x.size(1);
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      quantize_rows_portable_typed(x.const_data_ptr<c10::BFloat16>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale);
+      quantize_rows_portable_typed(x.const_data_ptr<c10::BFloat16>(), k, m_begin, m_end, qmax, a_u, a_sign, lda,
+                                   x_scale, static_scale);
       break;
     case at::kHalf:
-      quantize_rows_portable_typed(x.const_data_ptr<c10::Half>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale);
+      quantize_rows_portable_typed(x.const_data_ptr<c10::Half>(), k, m_begin, m_end, qmax, a_u, a_sign, lda,
+                                   x_scale, static_scale);
       break;
     default:
-      quantize_rows_portable_typed(x.const_data_ptr<float>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale);
+      quantize_rows_portable_typed(x.const_data_ptr<float>(), k, m_begin, m_end, qmax, a_u, a_sign, lda, x_scale,
+                                   static_scale);
   }
 }
 
 }  // namespace
 
 void quantize_activation_rows(const at::Tensor& x, int32_t qmax, uint8_t* a_u, int8_t* a_sign, int64_t lda,
-                              float* x_scale, bool use_avx2) {
+                              float* x_scale, bool use_avx2, const float* static_scale) {
   const int64_t k = x.size(1);
   at::parallel_for(0, x.size(0), std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
     if (use_avx2) {
-      quantize_rows_avx2(x.const_data_ptr(), out_type_of(x), k, b, e, qmax, a_u, a_sign, lda, x_scale);
+      quantize_rows_avx2(x.const_data_ptr(), out_type_of(x), k, b, e, qmax, a_u, a_sign, lda, x_scale, static_scale);
     } else {
-      quantize_rows_portable(x, b, e, qmax, a_u, a_sign, lda, x_scale);
+      quantize_rows_portable(x, b, e, qmax, a_u, a_sign, lda, x_scale, static_scale);
     }
   });
 }
 
 namespace {
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                           const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+// static_scale: nullptr for per-row (dynamic) activation scales, else the one calibrated scale.
+at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax,
+                            const float* static_scale) {
   check_float_activation(x);
   const int64_t n = check_packed_weight(x, w_packed, w_scale, bias);
   TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.dim() == 1 && w_rowsum.size(0) == n &&
@@ -111,7 +126,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
   uint8_t* u_ptr = a_u.mutable_data_ptr<uint8_t>();
   int8_t* s_ptr = offset_form ? nullptr : a_sign.mutable_data_ptr<int8_t>();
   float* scale_ptr = x_scale.mutable_data_ptr<float>();
-  quantize_activation_rows(x, qmax, u_ptr, s_ptr, lda, scale_ptr, use_avx2);
+  quantize_activation_rows(x, qmax, u_ptr, s_ptr, lda, scale_ptr, use_avx2, static_scale);
 
   const at::Tensor bias_f32 = bias_as_float(bias);
   GemmProblem p;
@@ -140,7 +155,22 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, cons
   return out;
 }
 
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                           const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, nullptr);
+}
+
+at::Tensor int8_linear_static_cpu(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_packed,
+                                  const at::Tensor& w_scale, const at::Tensor& w_rowsum,
+                                  const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+  check_static_act_scale(x, x_scale);
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, x_scale.const_data_ptr<float>());
+}
+
 }  // namespace
 }  // namespace sparseq::cpu
 
-TORCH_LIBRARY_IMPL(sparseq, CPU, m) { m.impl("int8_linear", &sparseq::cpu::int8_linear_cpu); }
+TORCH_LIBRARY_IMPL(sparseq, CPU, m) {
+  m.impl("int8_linear", &sparseq::cpu::int8_linear_cpu);
+  m.impl("int8_linear_static", &sparseq::cpu::int8_linear_static_cpu);
+}

@@ -26,8 +26,9 @@ inline const float* float_ptr_or_null(const at::Tensor& t) {
 }
 
 // Quantizes every row of x [m, k] as quantize_rows_avx2 documents (its bit-exact portable twin
-// when use_avx2 is false), rows split over threads (defined in int8_linear.cpp).
+// when use_avx2 is false), per row or with the one static_scale, rows split over threads
+// (defined in int8_linear.cpp).
 void quantize_activation_rows(const at::Tensor& x, int32_t qmax, uint8_t* a_u, int8_t* a_sign, int64_t lda,
-                              float* x_scale, bool use_avx2);
+                              float* x_scale, bool use_avx2, const float* static_scale = nullptr);
 
 }  // namespace sparseq::cpu

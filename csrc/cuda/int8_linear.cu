@@ -1,6 +1,8 @@
-// CUDA W8A8 dynamic linear: per-row activation quantization, then the tensor-core int8 GEMM
-// reading the n16k4 packed weight directly, with the dequantization and bias fused into the
-// epilogue. Bit-exact with sparseq._ref up to the final fp32 -> x.dtype rounding (same steps).
+// CUDA W8A8 linear, dynamic (int8_linear: per-row activation scales) or static
+// (int8_linear_static: one calibrated scale read on the device): activation quantization, then
+// the tensor-core int8 GEMM reading the n16k4 packed weight directly, with the dequantization
+// and bias fused into the epilogue. Bit-exact with sparseq._ref up to the final fp32 -> x.dtype
+// rounding (same steps).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,8 +16,10 @@ namespace sparseq {
 namespace cuda {
 namespace {
 
-at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+// static_scale: nullptr for per-row (dynamic) activation scales, else int8_linear_static's x_scale.
+at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax,
+                            const at::Tensor* static_scale) {
   check_float_activation(x);
   const int64_t n = check_packed_weight(x, w_packed, w_scale, bias);
   TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.dim() == 1 && w_rowsum.size(0) == n,
@@ -54,7 +58,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, con
     using T = decltype(tag);
     quantize_rows_kernel<T><<<static_cast<unsigned>(m), kQuantThreads, 0, stream>>>(
         x.data_ptr<T>(), q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), static_cast<int>(k), kd,
-        static_cast<int>(act_qmax));
+        static_cast<int>(act_qmax), static_scale != nullptr ? static_scale->data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const DequantBiasStore<T> epi{out.data_ptr<T>(), x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
                                   bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, static_cast<int>(n),
@@ -64,8 +68,24 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, con
   return out;
 }
 
+at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, nullptr);
+}
+
+at::Tensor int8_linear_static_cuda(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_packed,
+                                   const at::Tensor& w_scale, const at::Tensor& w_rowsum,
+                                   const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+  check_static_act_scale(x, x_scale);
+  const at::Tensor scale = x_scale.contiguous();
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, &scale);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace sparseq
 
-TORCH_LIBRARY_IMPL(sparseq, CUDA, m) { m.impl("int8_linear", &sparseq::cuda::int8_linear_cuda); }
+TORCH_LIBRARY_IMPL(sparseq, CUDA, m) {
+  m.impl("int8_linear", &sparseq::cuda::int8_linear_cuda);
+  m.impl("int8_linear_static", &sparseq::cuda::int8_linear_static_cuda);
+}

@@ -13,12 +13,15 @@ namespace cuda {
 constexpr int kQuantThreads = 256;
 
 // One CTA per row: absmax in fp32, then q = clamp(rint(x * (qmax / absmax))) with the exact
-// IEEE steps of _ref.quantize_per_row (no fast-math, no contraction). q has row stride kq_stride
-// (a multiple of 16 >= K); the padding columns get zeros so the GEMM may read whole chunks.
+// IEEE steps of _ref.quantize_per_row (no fast-math, no contraction). With static_scale (the
+// device pointer to int8_linear_static's one scale s) inv = 1 / s and x_scale[row] = s instead,
+// as _ref.quantize_static; an unusable s (not positive and finite, or 1/s overflowing) makes the
+// row quantize like a non-finite one. q has row stride kq_stride (a multiple of 16 >= K); the
+// padding columns get zeros so the GEMM may read whole chunks.
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads)
     quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ x_scale, int k,
-                         int64_t kq_stride, int qmax) {
+                         int64_t kq_stride, int qmax, const float* __restrict__ static_scale = nullptr) {
   __shared__ unsigned warp_max[kQuantThreads / 32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * k;
@@ -38,11 +41,19 @@ __global__ void __launch_bounds__(kQuantThreads)
   for (int w = 1; w < kQuantThreads / 32; ++w) amax = max(amax, warp_max[w]);
 
   // A NaN/Inf row quantizes to zeros with a NaN scale, so its outputs come out NaN (see _ref).
-  const bool finite = amax < 0x7f800000u;
-  const float absmax = finite && amax > 0u ? __uint_as_float(amax) : 1.f;
-  const float qmax_f = static_cast<float>(qmax);
-  const float inv = finite ? __fdiv_rn(qmax_f, absmax) : 0.f;
-  if (threadIdx.x == 0) x_scale[row] = finite ? __fdiv_rn(absmax, qmax_f) : __int_as_float(0x7fc00000);
+  bool finite = amax < 0x7f800000u;
+  float inv, scale;
+  if (static_scale != nullptr) {
+    scale = *static_scale;
+    inv = __fdiv_rn(1.f, scale);
+    finite = finite && scale > 0.f && scale <= 3.4028234663852886e38f && inv <= 3.4028234663852886e38f;
+  } else {
+    const float absmax = finite && amax > 0u ? __uint_as_float(amax) : 1.f;
+    const float qmax_f = static_cast<float>(qmax);
+    inv = __fdiv_rn(qmax_f, absmax);
+    scale = __fdiv_rn(absmax, qmax_f);
+  }
+  if (threadIdx.x == 0) x_scale[row] = finite ? scale : __int_as_float(0x7fc00000);
 
   // Four columns per thread so each store is one aligned 32-bit word (kq_stride % 16 == 0).
   uint32_t* qr = reinterpret_cast<uint32_t*>(q + row * kq_stride);

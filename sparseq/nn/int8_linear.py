@@ -1,20 +1,25 @@
 """Drop-in int8 replacements for nn.Linear.
 
 Int8Linear             W8A8 dynamic: activations quantized per row at run time, int8 GEMM.
+Int8StaticLinear       W8A8 static: activations quantized with one calibrated scale, int8 GEMM.
 Int8WeightOnlyLinear   W8A16 / W8A32: int8 weight, float activations.
+
+Every from_dense takes pow2_scales=True to round the weight scales (and Int8StaticLinear's
+activation scale) up to powers of two, so dequantization is a shift, as fixed-point hardware wants.
 
 The weight is quantized and packed once, in from_dense(), into registered buffers (w_packed,
 w_scale, w_rowsum, bias), so state_dict() carries the packed form and .to(device) moves it.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .. import ops
-from ..formats import PackedInt8Weight
+from ..formats import PackedInt8Weight, pow2_ceil
 from ._frozen import FrozenLinearBase
 
 _ACT_QMAX = {8: 127, 7: 63}
@@ -42,13 +47,13 @@ class _PackedInt8Linear(FrozenLinearBase):
                              if bias else None)
 
     @classmethod
-    def _from_linear(cls, linear: nn.Module, **kwargs):
+    def _from_linear(cls, linear: nn.Module, pow2_scales: bool = False, **kwargs):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear.weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"{cls.__name__}.from_dense: the {type(linear).__name__} is not "
                              "initialized yet; run one forward pass first")
-        packed = PackedInt8Weight.pack(linear.weight)  # raises on NaN / Inf
+        packed = PackedInt8Weight.pack(linear.weight, pow2_scales=pow2_scales)  # raises on NaN / Inf
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=linear.weight.device, **kwargs)
         layer.w_packed.copy_(packed.packed)
@@ -104,10 +109,11 @@ class Int8Linear(_PackedInt8Linear):
         self.act_bits = act_bits
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, act_bits: int | str = "auto",
+    def from_dense(cls, linear: nn.Linear, act_bits: int | str = "auto", pow2_scales: bool = False,
                    backend: Optional[str] = None) -> "Int8Linear":
-        """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8)."""
-        return cls._from_linear(linear, act_bits=act_bits, backend=backend)
+        """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8; with
+        pow2_scales the scales are rounded up to powers of two)."""
+        return cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, backend=backend)
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x2d, self.w_packed, self.w_scale, self.w_rowsum, self.bias,
@@ -123,6 +129,61 @@ class Int8Linear(_PackedInt8Linear):
         return f", act_bits={self.act_bits}"
 
 
+class Int8StaticLinear(_PackedInt8Linear):
+    """W8A8 static linear: per-output-channel int8 weight, activations quantized with one
+    calibrated per-tensor scale, x_q = clamp(round(x / x_scale), -qmax, qmax).
+
+    x_scale is a float32 buffer of shape [1] (in the state_dict, read by the kernel on the
+    device). act_bits (8: qmax 127, the default; 7: qmax 63, faster on AVX2 CPUs without VNNI)
+    is fixed at construction, because the calibrated scale is chosen for that qmax. Same call
+    signature as nn.Linear.
+    """
+
+    _FP32_BUFFERS = _PackedInt8Linear._FP32_BUFFERS + ("x_scale",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int = 8,
+                 device: Optional[torch.device | str] = None, backend: Optional[str] = None) -> None:
+        if act_bits not in _ACT_QMAX:
+            raise ValueError(f"act_bits must be 8 or 7 for static activations, got {act_bits!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, backend=backend)
+        self.act_bits = act_bits
+        self.register_buffer("x_scale", torch.ones(1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, x_scale: Optional[float] = None, act_bits: int = 8,
+                   pow2_scales: bool = False, backend: Optional[str] = None) -> "Int8StaticLinear":
+        """Quantize and pack ``linear``'s weight and fix the activation scale.
+
+        x_scale: the activation scale (x_q = round(x / x_scale)); by default
+        ``linear.act_observer.scale(qmax)``, the observer sparseq.quant.calibrate (or QAT) left.
+        act_bits: 8 or 7. pow2_scales: round the weight scales and x_scale up to powers of two.
+        """
+        if act_bits not in _ACT_QMAX:
+            raise ValueError(f"act_bits must be 8 or 7 for static activations, got {act_bits!r}")
+        if x_scale is None:
+            observer = getattr(linear, "act_observer", None)
+            if observer is None:
+                raise ValueError(f"this {type(linear).__name__} has no act_observer, so its static "
+                                 "activation scale is unknown: run sparseq.quant.calibrate first "
+                                 "(or pass x_scale=)")
+            x_scale = observer.scale(_ACT_QMAX[act_bits])
+        x_scale = float(x_scale)
+        if not (math.isfinite(x_scale) and x_scale > 0 and math.isfinite(1.0 / x_scale)):
+            raise ValueError(f"x_scale must be a positive finite float, got {x_scale}")
+        layer = cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, backend=backend)
+        layer.x_scale.fill_(x_scale)
+        if pow2_scales:
+            layer.x_scale.copy_(pow2_ceil(layer.x_scale))
+        return layer
+
+    def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear_static(x2d, self.x_scale, self.w_packed, self.w_scale, self.w_rowsum,
+                                      self.bias, act_qmax=_ACT_QMAX[self.act_bits], backend=self.backend)
+
+    def _extra_repr_options(self) -> str:
+        return f", act_bits={self.act_bits}, x_scale={self.x_scale.item():.6g}"
+
+
 class Int8WeightOnlyLinear(_PackedInt8Linear):
     """Weight-only int8 linear (W8A16 / W8A32): int8 per-channel weight, float activations.
 
@@ -131,9 +192,11 @@ class Int8WeightOnlyLinear(_PackedInt8Linear):
     """
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, backend: Optional[str] = None) -> "Int8WeightOnlyLinear":
-        """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8)."""
-        return cls._from_linear(linear, backend=backend)
+    def from_dense(cls, linear: nn.Linear, pow2_scales: bool = False,
+                   backend: Optional[str] = None) -> "Int8WeightOnlyLinear":
+        """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8; with
+        pow2_scales the scales are rounded up to powers of two)."""
+        return cls._from_linear(linear, pow2_scales=pow2_scales, backend=backend)
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         return ops.int8_weight_only_linear(x2d, self.w_packed, self.w_scale, self.bias,

@@ -1,15 +1,16 @@
 """quantize_: swap a model's nn.Linear layers for sparseq's int8 layers, in place."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch.nn as nn
 
 from ..convert import FilterFn, swap_modules
-from ..nn import Int8Linear, Int8WeightOnlyLinear
+from ..nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear
 
 SCHEMES = {
     "w8a8": Int8Linear,  # int8 weights, activations quantized per row at run time
+    "w8a8_static": Int8StaticLinear,  # int8 weights, activations with one calibrated scale per layer
     "w8a16": Int8WeightOnlyLinear,  # int8 weights, float activations (bf16/fp16, or fp32)
 }
 
@@ -18,28 +19,72 @@ SCHEMES = {
 KEEP_AS_LINEAR = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 
-def quantize_(model: nn.Module, scheme: str = "w8a8", filter_fn: Optional[FilterFn] = None,
-              skip: Iterable[str] = (), **layer_kwargs) -> nn.Module:
-    """Replace every nn.Linear inside ``model`` with an int8 layer, in place; return ``model``.
-
-    scheme: "w8a8" (Int8Linear) or "w8a16" (Int8WeightOnlyLinear).
-    filter_fn(module, fully_qualified_name) -> bool: only the Linear layers it accepts are swapped.
-    skip: fnmatch patterns on module names to leave alone, with everything under them.
-    layer_kwargs go to the layer's from_dense (e.g. act_bits=7, backend="cpu").
-    """
+def check_scheme(scheme: str) -> type:
+    """The layer class of a quantize_ scheme; ValueError for an unknown one."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
+    return SCHEMES[scheme]
+
+
+def quantizable_layers(model: nn.Module, filter_fn: Optional[FilterFn] = None,
+                       skip: Iterable[str] = ()) -> Dict[str, nn.Module]:
+    """The Linear layers quantize_ would replace, by name (a shared layer under its first name),
+    with quantize_'s filter_fn and skip rules."""
+    found: Dict[str, nn.Module] = {}
+
+    def record(module: nn.Module, fqn: str) -> None:
+        if isinstance(module, nn.Linear) and not isinstance(module, KEEP_AS_LINEAR):
+            if all(module is not seen for seen in found.values()):
+                found[fqn] = module
+        return None
+
+    swap_modules(model, record, filter_fn=filter_fn, skip=skip)
+    return found
+
+
+def quantize_(model: nn.Module, scheme: str = "w8a8", filter_fn: Optional[FilterFn] = None,
+              skip: Iterable[str] = (), skip_sensitive: int = 0, min_sqnr_db: Optional[float] = None,
+              calib_data: Optional[Iterable[Any]] = None, **layer_kwargs) -> nn.Module:
+    """Replace every nn.Linear inside ``model`` with an int8 layer, in place; return ``model``.
+
+    scheme: "w8a8" (Int8Linear, dynamic activations), "w8a8_static" (Int8StaticLinear: the
+    activation scale of each layer comes from its ``act_observer``, left by
+    sparseq.quant.calibrate or QAT; a Linear without one raises ValueError), or "w8a16"
+    (Int8WeightOnlyLinear).
+    filter_fn(module, fully_qualified_name) -> bool: only the Linear layers it accepts are swapped.
+    skip: fnmatch patterns on module names to leave alone, with everything under them.
+    skip_sensitive: also leave in float the k layers whose quantization alone hurts the model's
+    output most (lowest SQNR in sparseq.quant.sensitivity on ``calib_data``).
+    min_sqnr_db: also leave in float every layer whose quantization alone brings the output's
+    SQNR below this many dB (on ``calib_data``).
+    layer_kwargs go to the layer's from_dense (e.g. act_bits=7, pow2_scales=True, backend="cpu").
+
+    Every replacement is built before the first swap, so an error leaves the model untouched.
+    """
+    layer_cls = check_scheme(scheme)
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_ swaps submodules in place and cannot replace the model itself; "
-                         f"use {SCHEMES[scheme].__name__}.from_dense(linear) for a single layer")
-    layer_cls = SCHEMES[scheme]
+                         f"use {layer_cls.__name__}.from_dense(linear) for a single layer")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if skip_sensitive or min_sqnr_db is not None:
+        from .sensitivity import sensitivity
 
-    def make_replacement(module: nn.Module, fqn: str) -> Optional[nn.Module]:
-        if not isinstance(module, nn.Linear) or isinstance(module, KEEP_AS_LINEAR):
-            return None
-        return layer_cls.from_dense(module, **layer_kwargs)
+        if calib_data is None:
+            raise ValueError("skip_sensitive / min_sqnr_db need calib_data to measure each layer's sensitivity")
+        if not isinstance(skip_sensitive, int) or skip_sensitive < 0:
+            raise ValueError(f"skip_sensitive must be a non-negative int, got {skip_sensitive!r}")
+        report = sensitivity(model, calib_data, scheme, filter_fn=filter_fn, skip=skip, full=False,
+                             **layer_kwargs)
+        skip += tuple(report.sensitive(k=skip_sensitive, min_sqnr_db=min_sqnr_db))
 
-    swap_modules(model, make_replacement, filter_fn=filter_fn, skip=skip)
+    layers = quantizable_layers(model, filter_fn, skip)
+    replacements = {}
+    for name, module in layers.items():
+        try:
+            replacements[id(module)] = layer_cls.from_dense(module, **layer_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"quantize_({scheme!r}): layer {name!r}: {exc}") from exc
+    swap_modules(model, lambda module, fqn: replacements.get(id(module)), filter_fn=filter_fn, skip=skip)
     return model

@@ -9,11 +9,12 @@ import torch
 import sparseq
 from sparseq import _ref
 
+from .int8_helpers import FLOAT_DTYPES, _assert_float_close, _gen, _int8, _packed
+
 if not sparseq.HAS_EXT:
     pytest.skip(f"sparseq extension not built ({sparseq.EXT_ERROR})", allow_module_level=True)
 
 ops = torch.ops.sparseq
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(params=["avx2", "portable"])
@@ -28,26 +29,6 @@ def kernel_path(request, monkeypatch):
     enabled = sparseq._C.cpu_features()["avx2_kernels_enabled"]
     assert enabled == (request.param == "avx2")
     return request.param
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _int8(shape, kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "random":
-        return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
-    if kind == "no_min":
-        return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
-    if kind == "all_min":
-        return torch.full(shape, -128, dtype=torch.int8)
-    if kind == "all_max":
-        return torch.full(shape, 127, dtype=torch.int8)
-    if kind == "extremes":
-        return torch.where(torch.rand(shape, generator=gen) < 0.5, -128, 127).to(torch.int8)
-    if kind == "zeros":
-        return torch.zeros(shape, dtype=torch.int8)
-    raise ValueError(kind)
 
 
 # ---------------------------------------------------------------------------------- int8_gemm
@@ -121,26 +102,6 @@ def test_int8_gemm_empty(kernel_path):
 
 
 # -------------------------------------------------------------------------------- int8_linear
-
-def _packed(n: int, k: int, gen: torch.Generator, kind: str = "random"):
-    w = torch.randn(n, k, generator=gen)
-    if kind == "random":
-        return sparseq.PackedInt8Weight.pack(w)
-    q = _int8((n, k), kind, gen)
-    return sparseq.PackedInt8Weight.from_int8(q, torch.rand(n, generator=gen) + 0.5)
-
-
-def _assert_float_close(out: torch.Tensor, ref: torch.Tensor, exact_fp32: torch.Tensor | None = None):
-    """Differences may come only from float epilogue rounding (e.g. a fused multiply-add):
-    about one fp32 ulp before the cast, so one ulp of the output dtype after it."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    scale = ref.float().abs().amax().item() if ref.numel() else 0.0
-    if ref.dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * scale + 1e-30)
-    else:
-        eps = torch.finfo(ref.dtype).eps
-        torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=1e-6 * scale + 1e-30)
-
 
 LINEAR_SHAPES = [(1, 1, 1), (2, 3, 15), (17, 67, 33), (3, 5, 16), (4, 4, 17), (6, 261, 40), (1, 4099, 17)]
 

@@ -92,7 +92,7 @@ def test_quantized_model_state_dict_loads_into_a_fresh_quantized_skeleton():
 
 
 def test_unknown_scheme_lists_the_choices():
-    with pytest.raises(ValueError, match=r"w8a4.*\['w8a16', 'w8a8'\]"):
+    with pytest.raises(ValueError, match=r"w8a4.*\['w8a16', 'w8a8', 'w8a8_static'\]"):
         quantize_(Net(), "w8a4")
 
 

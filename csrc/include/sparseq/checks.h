@@ -30,6 +30,15 @@ inline void check_act_qmax(int64_t act_qmax) {
               "sparseq: act_qmax must be 127 (8-bit activations) or 63 (7-bit), got ", act_qmax);
 }
 
+// int8_linear_static's activation scale: one fp32 value on x's device, read by the kernel
+// itself so that no host sync is needed.
+inline void check_static_act_scale(const at::Tensor& x, const at::Tensor& x_scale) {
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.dim() == 1 && x_scale.size(0) == 1,
+              "sparseq: x_scale must be a float32 tensor of shape [1], got ", x_scale.scalar_type(), " ",
+              x_scale.sizes());
+  TORCH_CHECK(x_scale.device() == x.device(), "sparseq: x_scale must be on x's device");
+}
+
 inline void check_bias(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous(),

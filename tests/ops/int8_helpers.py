@@ -1,0 +1,48 @@
+"""Test helpers shared by the int8 op tests (random int8 data, packed weights, float comparison)."""
+from __future__ import annotations
+
+import torch
+
+import sparseq
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _int8(shape, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "random":
+        return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    if kind == "no_min":
+        return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+    if kind == "all_min":
+        return torch.full(shape, -128, dtype=torch.int8)
+    if kind == "all_max":
+        return torch.full(shape, 127, dtype=torch.int8)
+    if kind == "extremes":
+        return torch.where(torch.rand(shape, generator=gen) < 0.5, -128, 127).to(torch.int8)
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=torch.int8)
+    raise ValueError(kind)
+
+
+def _packed(n: int, k: int, gen: torch.Generator, kind: str = "random"):
+    w = torch.randn(n, k, generator=gen)
+    if kind == "random":
+        return sparseq.PackedInt8Weight.pack(w)
+    q = _int8((n, k), kind, gen)
+    return sparseq.PackedInt8Weight.from_int8(q, torch.rand(n, generator=gen) + 0.5)
+
+
+def _assert_float_close(out: torch.Tensor, ref: torch.Tensor, exact_fp32: torch.Tensor | None = None):
+    """Differences may come only from float epilogue rounding (e.g. a fused multiply-add):
+    about one fp32 ulp before the cast, so one ulp of the output dtype after it."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    scale = ref.float().abs().amax().item() if ref.numel() else 0.0
+    if ref.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6 * scale + 1e-30)
+    else:
+        eps = torch.finfo(ref.dtype).eps
+        torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=1e-6 * scale + 1e-30)
