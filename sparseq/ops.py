@@ -5,6 +5,12 @@ Each function validates its inputs (clear Python errors, never a crash), then ru
   "cpu"/"cuda" the compiled kernel (error if it is not built for that device)
   "triton"    the Triton kernel (GPU, or TRITON_INTERPRET=1)
   "reference" the pure-PyTorch reference in sparseq._ref
+
+The linear ops take weight_checked=True from callers whose weight tensors were validated already
+(the sparseq.nn layers: their buffers are checked when built or loaded): when the compiled kernel
+runs, the Python checks of the weight tensors are then skipped, because the kernel's C++ checks
+(csrc/include/sparseq/checks.h) refuse a wrong dtype, shape, device or layout anyway. The
+activation x is always checked here, and every other backend always gets the full Python checks.
 """
 from __future__ import annotations
 
@@ -40,7 +46,8 @@ def _cuda_capability(index: Optional[int]) -> tuple[int, int]:
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    backend = backend or "auto"
+    if backend is None or backend == "auto":  # the layers' per-call case first: it is on the hot path
+        return "ext" if ext_supports(device) else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
@@ -52,6 +59,12 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
             raise RuntimeError(f"sparseq's compiled {backend} kernels are not available in this build")
         return "ext"
     return backend
+
+
+def _kernel_checks_weights(weight_checked: bool, backend: Optional[str], x: torch.Tensor) -> bool:
+    """Whether the Python checks of the weight tensors may be skipped: the caller vouches for them
+    and the compiled kernel, which checks them again in C++, is the backend that runs."""
+    return weight_checked and _resolve_backend(backend, x.device) == "ext"
 
 
 def _check_int8_2d(t: torch.Tensor, name: str) -> None:
@@ -115,11 +128,15 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None
 
 def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                 w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127,
-                *, in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                *, in_features: Optional[int] = None, backend: Optional[str] = None,
+                weight_checked: bool = False) -> torch.Tensor:
     """W8A8 dynamic linear: per-row symmetric activation quantization to [-act_qmax, act_qmax],
     int8 GEMM with the n16k4-packed weight, dequantization and bias, fused. x is [M, K];
-    pass in_features to have K checked exactly (the packed shape only knows ceil(K/4))."""
+    pass in_features to have K checked exactly (the packed shape only knows ceil(K/4)).
+    weight_checked=True: see the module docstring."""
     _check_activation(x, in_features)
+    if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.int8_linear.default(x.contiguous(), w_packed, w_scale, w_rowsum, bias, act_qmax)
     _check_packed(x, w_packed, w_scale, bias)
     if act_qmax not in (63, 127):
         raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
@@ -164,9 +181,12 @@ def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.T
 
 def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                             bias: Optional[torch.Tensor] = None, *, in_features: Optional[int] = None,
-                            backend: Optional[str] = None) -> torch.Tensor:
-    """Weight-only int8 linear (W8A16/W8A32): float x [M,K] times the dequantized packed weight."""
+                            backend: Optional[str] = None, weight_checked: bool = False) -> torch.Tensor:
+    """Weight-only int8 linear (W8A16/W8A32): float x [M,K] times the dequantized packed weight.
+    weight_checked=True: see the module docstring."""
     _check_activation(x, in_features)
+    if _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.int8_weight_only_linear.default(x.contiguous(), w_packed, w_scale, bias)
     _check_packed(x, w_packed, w_scale, bias)
     which = _resolve_backend(backend, x.device)
     if which == "ext":
@@ -219,9 +239,13 @@ def _check_sparse_values(x: torch.Tensor, values: torch.Tensor, w_scale: Optiona
 def sparse_csr_linear(x: torch.Tensor, seg_ptr: torch.Tensor, col_offsets: torch.Tensor,
                       values: torch.Tensor, w_scale: Optional[torch.Tensor] = None,
                       bias: Optional[torch.Tensor] = None, *, in_features: Optional[int] = None,
-                      backend: Optional[str] = None) -> torch.Tensor:
-    """x [M, K] @ W.T + bias for an unstructured SparseCSRWeight (segmented CSR, uint8 offsets)."""
+                      backend: Optional[str] = None, weight_checked: bool = False) -> torch.Tensor:
+    """x [M, K] @ W.T + bias for an unstructured SparseCSRWeight (segmented CSR, uint8 offsets).
+    weight_checked=True: see the module docstring."""
     _check_activation(x, in_features)
+    if _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.sparse_csr_linear.default(x.contiguous(), seg_ptr, col_offsets, values,
+                                                           w_scale, bias)
     _check_index(seg_ptr, torch.int32, "seg_ptr", x)
     _check_index(col_offsets, torch.uint8, "col_offsets", x)
     segments = _ref.csr_segments(x.shape[1])
@@ -260,10 +284,13 @@ def _check_sparse24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -
 
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     w_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
-                    in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                    in_features: Optional[int] = None, backend: Optional[str] = None,
+                    weight_checked: bool = False) -> torch.Tensor:
     """x [M, K] @ W.T + bias for a 2:4 Sparse24Weight (float activations; int8 codes dequantized
-    with w_scale in the epilogue)."""
+    with w_scale in the epilogue). weight_checked=True: see the module docstring."""
     _check_activation(x, in_features)
+    if _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.sparse24_linear.default(x.contiguous(), values, meta, w_scale, bias)
     n = _check_sparse24(x, values, meta)
     _check_sparse_values(x, values, w_scale, bias, n)
     which = _resolve_backend(backend, x.device)
@@ -277,10 +304,15 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 
 def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, w_scale: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, act_qmax: int = 127, *,
-                         in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                         in_features: Optional[int] = None, backend: Optional[str] = None,
+                         weight_checked: bool = False) -> torch.Tensor:
     """W8A8 dynamic linear on a 2:4 int8 weight: activations quantized per row like int8_linear,
-    exact integer dot with the codes, dequantization and bias."""
+    exact integer dot with the codes, dequantization and bias. weight_checked=True: see the
+    module docstring."""
     _check_activation(x, in_features)
+    if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.sparse24_int8_linear.default(x.contiguous(), values, meta, w_scale, bias,
+                                                              act_qmax)
     n = _check_sparse24(x, values, meta)
     if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
         raise TypeError(f"sparse24_int8_linear needs int8 values, got {getattr(values, 'dtype', type(values))}")
@@ -300,13 +332,17 @@ def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torc
                values: torch.Tensor, w_scale: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, *, out_features: int,
                in_features: Optional[int] = None, backend: Optional[str] = None,
-               indices_validated: bool = False) -> torch.Tensor:
+               indices_validated: bool = False, weight_checked: bool = False) -> torch.Tensor:
     """x [M, K] @ W.T + bias for a BlockSparseWeight (blocks [bh, bw], empty blocks skipped).
 
     indices_validated=True (the layers pass it: their BlockSparseWeight was validated when built
     or loaded) spares the Triton kernel its host sync on the bad-index flag; bad indices are then
-    still never read out of bounds, but their blocks are dropped instead of raising."""
+    still never read out of bounds, but their blocks are dropped instead of raising.
+    weight_checked=True: see the module docstring (GPUs run Triton here, so it applies on CPUs)."""
     _check_activation(x, in_features)
+    if x.device.type == "cpu" and _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.bsr_linear.default(x.contiguous(), block_row_ptr, block_col_idx, values, w_scale,
+                                                    bias, out_features)
     _check_index(block_row_ptr, torch.int32, "block_row_ptr", x)
     _check_index(block_col_idx, torch.int32, "block_col_idx", x)
     if (not isinstance(values, torch.Tensor) or values.dim() != 3 or values.shape[0] != block_col_idx.numel()
@@ -341,13 +377,22 @@ def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torc
 
 
 if HAS_EXT:
-    # Shapes and dtypes only, so torch.compile / torch.export trace through the kernels.
+    # Shapes and dtypes only, so torch.compile / torch.export trace through the kernels. These are
+    # also the ops' Meta kernels, which the dispatcher picks when any argument is a meta tensor:
+    # a meta weight beside a real x would then return an uninitialized real tensor, silently.
+    def _same_device_as_x(x, *tensors):
+        for t in tensors:
+            if t is not None and t.device != x.device:
+                raise RuntimeError(f"sparseq: every tensor must be on x's device ({x.device}), got one on {t.device}")
+
     @torch.library.register_fake("sparseq::int8_gemm")
     def _int8_gemm_fake(a, b):
+        _same_device_as_x(a, b)
         return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
     @torch.library.register_fake("sparseq::int8_linear")
     def _int8_linear_fake(x, w_packed, w_scale, w_rowsum, bias, act_qmax):
+        _same_device_as_x(x, w_packed, w_scale, w_rowsum, bias)
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     @torch.library.register_fake("sparseq::int8_linear_static")
@@ -356,21 +401,26 @@ if HAS_EXT:
 
     @torch.library.register_fake("sparseq::int8_weight_only_linear")
     def _int8_weight_only_linear_fake(x, w_packed, w_scale, bias):
+        _same_device_as_x(x, w_packed, w_scale, bias)
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     @torch.library.register_fake("sparseq::sparse_csr_linear")
     def _sparse_csr_linear_fake(x, seg_ptr, col_offsets, values, w_scale, bias):
+        _same_device_as_x(x, seg_ptr, col_offsets, values, w_scale, bias)
         n = (seg_ptr.shape[0] - 1) // _ref.csr_segments(x.shape[1])
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("sparseq::sparse24_linear")
     def _sparse24_linear_fake(x, values, meta, w_scale, bias):
+        _same_device_as_x(x, values, meta, w_scale, bias)
         return x.new_empty((x.shape[0], values.shape[0]))
 
     @torch.library.register_fake("sparseq::sparse24_int8_linear")
     def _sparse24_int8_linear_fake(x, values, meta, w_scale, bias, act_qmax):
+        _same_device_as_x(x, values, meta, w_scale, bias)
         return x.new_empty((x.shape[0], values.shape[0]))
 
     @torch.library.register_fake("sparseq::bsr_linear")
     def _bsr_linear_fake(x, block_row_ptr, block_col_idx, values, w_scale, bias, out_features):
+        _same_device_as_x(x, block_row_ptr, block_col_idx, values, w_scale, bias)
         return x.new_empty((x.shape[0], out_features))

@@ -4,7 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -112,11 +111,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, 
   const bool row_major = !use_avx2 || (m < kBsrTransposedMinRows && bsr_avx2_has_row_major_kernel(p.bh, p.bw));
   at::Tensor x_act;
   if (row_major) {
-    x_act = x;
-    if (x.scalar_type() != at::kFloat || k_pad != k) {
-      x_act = at::zeros({m, k_pad}, x.options().dtype(at::kFloat));
-      x_act.narrow(1, 0, k).copy_(x);
-    }
+    x_act = activation_rows(x, k_pad);
     p.x = x_act.const_data_ptr<float>();
     p.ldx = k_pad;
   } else {

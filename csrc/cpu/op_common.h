@@ -17,8 +17,11 @@ inline OutType out_type_of(const at::Tensor& x) {
 }
 
 // The kernels' epilogues read the bias as fp32: returns an undefined tensor when there is none.
+// An fp32 contiguous bias (the usual one) is returned as is, without a dispatcher round trip.
 inline at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias) {
-  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (!bias.has_value()) return at::Tensor();
+  if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return *bias;
+  return bias->to(at::kFloat).contiguous();
 }
 
 inline const float* float_ptr_or_null(const at::Tensor& t) {

@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -60,11 +59,28 @@ inline SparseEpilogue make_epilogue(const at::Tensor& out, const c10::optional<a
   return ep;
 }
 
-// x as fp32 rows [m, k_pad], zero padded (x itself when it already is that).
+template <typename T>
+void widen_rows(const T* src, int64_t m, int64_t k, float* dst, int64_t k_pad) {
+  for (int64_t r = 0; r < m; ++r) {
+    const T* in = src + r * k;
+    float* out = dst + r * k_pad;
+    for (int64_t c = 0; c < k; ++c) out[c] = static_cast<float>(in[c]);
+    std::fill(out + k, out + k_pad, 0.0f);
+  }
+}
+
+// x as fp32 rows [m, k_pad], zero padded (x itself when it already is that). Filled here rather
+// than by at::zeros + narrow + copy_: at batch 1 those dispatcher calls cost as much as the kernel.
 inline at::Tensor activation_rows(const at::Tensor& x, int64_t k_pad) {
   if (x.scalar_type() == at::kFloat && x.size(1) == k_pad) return x;
-  at::Tensor rows = at::zeros({x.size(0), k_pad}, x.options().dtype(at::kFloat));
-  rows.narrow(1, 0, x.size(1)).copy_(x);
+  const int64_t m = x.size(0), k = x.size(1);
+  at::Tensor rows = at::empty({m, k_pad}, x.options().dtype(at::kFloat));
+  float* dst = rows.mutable_data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kBFloat16: widen_rows(x.const_data_ptr<c10::BFloat16>(), m, k, dst, k_pad); break;
+    case at::kHalf: widen_rows(x.const_data_ptr<c10::Half>(), m, k, dst, k_pad); break;
+    default: widen_rows(x.const_data_ptr<float>(), m, k, dst, k_pad);
+  }
   return rows;
 }
 

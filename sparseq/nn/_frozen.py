@@ -1,8 +1,8 @@
 """What every sparseq inference layer shares: nn.Linear's call signature over a frozen,
 packed weight.
 
-Subclasses define _linear_2d(x2d) (the op call on a contiguous [M, in_features] input) and
-dense_weight() (the float32 [N, K] weight the layer computes with, for gradients and to_dense).
+Subclasses define _linear_2d(x2d) (the op call on a contiguous [M, in_features] input, passing
+weight_checked=True: the buffers were validated when built or loaded) and dense_weight() (the float32 [N, K] weight the layer computes with, for gradients and to_dense).
 """
 from __future__ import annotations
 
@@ -39,16 +39,20 @@ class FrozenLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        shape = x.shape
         # Checked here, before flattening: a reshape would silently regroup a wrong last dim.
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        if not shape or shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects in_features={self.in_features} in the "
-                             f"last dimension, got input of shape {tuple(x.shape)}")
-        x2d = x.reshape(-1, self.in_features).contiguous()
-        if torch.is_grad_enabled() and x2d.requires_grad:
+                             f"last dimension, got input of shape {tuple(shape)}")
+        # A 2-D contiguous x (the common [batch, features]) goes to the op as is: on small layers
+        # the reshapes cost as much as the kernel.
+        flat = len(shape) == 2 and x.is_contiguous()
+        x2d = x if flat else x.reshape(-1, self.in_features).contiguous()
+        if x2d.requires_grad and torch.is_grad_enabled():
             out = _GradThroughFrozenWeight.apply(x2d, self)
         else:
             out = self._linear_2d(x2d)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if flat else out.reshape(*shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() cast every floating buffer; these follow device moves only.

@@ -116,8 +116,10 @@ class Int8Linear(_PackedInt8Linear):
         return cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, backend=backend)
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x2d, self.w_packed, self.w_scale, self.w_rowsum, self.bias,
-                               act_qmax=_ACT_QMAX[self.act_bits_for(x2d.device)], backend=self.backend)
+        buffers = self._buffers  # one dict, not four nn.Module.__getattr__ calls per forward
+        return ops.int8_linear(x2d, buffers["w_packed"], buffers["w_scale"], buffers["w_rowsum"], buffers["bias"],
+                               act_qmax=_ACT_QMAX[self.act_bits_for(x2d.device)], backend=self.backend,
+                               weight_checked=True)
 
     def act_bits_for(self, device: torch.device) -> int:
         """The activation bits a call on ``device`` uses (resolves act_bits="auto")."""
@@ -199,5 +201,6 @@ class Int8WeightOnlyLinear(_PackedInt8Linear):
         return cls._from_linear(linear, pow2_scales=pow2_scales, backend=backend)
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
-        return ops.int8_weight_only_linear(x2d, self.w_packed, self.w_scale, self.bias,
-                                           backend=self.backend)
+        buffers = self._buffers
+        return ops.int8_weight_only_linear(x2d, buffers["w_packed"], buffers["w_scale"], buffers["bias"],
+                                           backend=self.backend, weight_checked=True)

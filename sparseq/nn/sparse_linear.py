@@ -214,19 +214,22 @@ class SparseLinear(FrozenLinearBase):
     # -- compute --------------------------------------------------------------------------------
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
-        k = self.in_features
+        # One dict for the buffers instead of nn.Module.__getattr__ per name: on small layers the
+        # Python around the kernel costs as much as the kernel. The buffers were validated when
+        # built or loaded (weight_format()), hence weight_checked=True.
+        b, k, backend = self._buffers, self.in_features, self.backend
         if self.format == "csr":
-            return ops.sparse_csr_linear(x2d, self.seg_ptr, self.col_offsets, self.values, self.w_scale,
-                                         self.bias, in_features=k, backend=self.backend)
+            return ops.sparse_csr_linear(x2d, b["seg_ptr"], b["col_offsets"], b["values"], b["w_scale"], b["bias"],
+                                         in_features=k, backend=backend, weight_checked=True)
         if self.format == "2:4":
-            return ops.sparse24_linear(x2d, self.values, self.meta, self.w_scale, self.bias,
-                                       in_features=k, backend=self.backend)
+            return ops.sparse24_linear(x2d, b["values"], b["meta"], b["w_scale"], b["bias"],
+                                       in_features=k, backend=backend, weight_checked=True)
         if self.format == "bsr":
-            return ops.bsr_linear(x2d, self.block_row_ptr, self.block_col_idx, self.values, self.w_scale,
-                                  self.bias, out_features=self.out_features, in_features=k,
-                                  backend=self.backend, indices_validated=True)
-        bias = None if self.bias is None else self.bias.to(x2d.dtype)
-        return F.linear(x2d, self.weight.to(x2d.dtype), bias)
+            return ops.bsr_linear(x2d, b["block_row_ptr"], b["block_col_idx"], b["values"], b["w_scale"],
+                                  b["bias"], out_features=self.out_features, in_features=k,
+                                  backend=backend, indices_validated=True, weight_checked=True)
+        bias = None if b["bias"] is None else b["bias"].to(x2d.dtype)
+        return F.linear(x2d, b["weight"].to(x2d.dtype), bias)
 
     # -- state_dict -----------------------------------------------------------------------------
 
@@ -346,9 +349,10 @@ class SparseInt8Linear(SparseLinear):
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
             return super()._linear_2d(x2d)
-        return ops.sparse24_int8_linear(x2d, self.values, self.meta, self.w_scale, self.bias,
+        b = self._buffers
+        return ops.sparse24_int8_linear(x2d, b["values"], b["meta"], b["w_scale"], b["bias"],
                                         act_qmax=127 if self.act_bits == 8 else 63,
-                                        in_features=self.in_features, backend=self.backend)
+                                        in_features=self.in_features, backend=self.backend, weight_checked=True)
 
     def get_extra_state(self) -> dict:
         return dict(super().get_extra_state(), act_bits=self.act_bits)
