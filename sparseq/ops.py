@@ -153,13 +153,18 @@ def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
 
 def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                        w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127, *,
-                       in_features: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                       in_features: Optional[int] = None, backend: Optional[str] = None,
+                       weight_checked: bool = False) -> torch.Tensor:
     """W8A8 static linear: every row of x [M, K] quantized with the one calibrated activation
     scale s = x_scale[0] (x_scale: float32 [1] on x's device, so no host sync),
     q = clamp(round_half_even(x * (1/s)), -act_qmax, act_qmax), then int8_linear's GEMM,
     dequantization and bias. Rows holding NaN/Inf, and all rows when s is not a usable positive
-    finite scale, give NaN outputs. Pass in_features to have K checked exactly."""
+    finite scale, give NaN outputs. Pass in_features to have K checked exactly.
+    weight_checked=True: see the module docstring (x_scale counts as a weight tensor)."""
     _check_activation(x, in_features)
+    if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.int8_linear_static.default(x.contiguous(), x_scale, w_packed, w_scale, w_rowsum,
+                                                            bias, act_qmax)
     _check_packed(x, w_packed, w_scale, bias)
     if (not isinstance(x_scale, torch.Tensor) or x_scale.dtype != torch.float32
             or tuple(x_scale.shape) != (1,)):
@@ -397,6 +402,7 @@ if HAS_EXT:
 
     @torch.library.register_fake("sparseq::int8_linear_static")
     def _int8_linear_static_fake(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax):
+        _same_device_as_x(x, x_scale, w_packed, w_scale, w_rowsum, bias)
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     @torch.library.register_fake("sparseq::int8_weight_only_linear")

@@ -179,8 +179,10 @@ class Int8StaticLinear(_PackedInt8Linear):
         return layer
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear_static(x2d, self.x_scale, self.w_packed, self.w_scale, self.w_rowsum,
-                                      self.bias, act_qmax=_ACT_QMAX[self.act_bits], backend=self.backend)
+        buffers = self._buffers
+        return ops.int8_linear_static(x2d, buffers["x_scale"], buffers["w_packed"], buffers["w_scale"],
+                                      buffers["w_rowsum"], buffers["bias"], act_qmax=_ACT_QMAX[self.act_bits],
+                                      backend=self.backend, weight_checked=True)
 
     def _extra_repr_options(self) -> str:
         return f", act_bits={self.act_bits}, x_scale={self.x_scale.item():.6g}"

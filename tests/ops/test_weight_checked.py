@@ -29,10 +29,13 @@ def _bias():
 
 def _case(name):
     """(door, positional weight arguments after x, keyword arguments) for one door."""
-    if name in ("int8_linear", "int8_weight_only_linear"):
+    if name in ("int8_linear", "int8_linear_static", "int8_weight_only_linear"):
         p = PackedInt8Weight.pack(_weight())
         if name == "int8_linear":
             return ops.int8_linear, [p.packed, p.scale, p.rowsum, _bias()], {"act_qmax": 63}
+        if name == "int8_linear_static":
+            return (ops.int8_linear_static, [torch.tensor([0.02]), p.packed, p.scale, p.rowsum, _bias()],
+                    {"act_qmax": 127})
         return ops.int8_weight_only_linear, [p.packed, p.scale, _bias()], {}
     if name.startswith("csr"):
         p = SparseCSRWeight.pack(_weight(), int8=name == "csr_int8")
@@ -47,7 +50,7 @@ def _case(name):
             {"out_features": N, "indices_validated": True})
 
 
-CASES = ["int8_linear", "int8_weight_only_linear", "csr", "csr_int8", "sparse24_linear",
+CASES = ["int8_linear", "int8_linear_static", "int8_weight_only_linear", "csr", "csr_int8", "sparse24_linear",
          "sparse24_int8_linear", "bsr"]
 
 
@@ -118,7 +121,7 @@ def _same(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("name", ["int8_linear", "sparse24_int8_linear"])
+@pytest.mark.parametrize("name", ["int8_linear", "int8_linear_static", "sparse24_int8_linear"])
 def test_bad_act_qmax_keeps_its_python_error(name):
     door, weights, kwargs = _case(name)
     x = torch.randn(M, K)

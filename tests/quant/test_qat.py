@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from sparseq import _ref
 from sparseq.formats import PackedInt8Weight
-from sparseq.nn import Int8Linear, Int8WeightOnlyLinear
-from sparseq.quant import EmaAbsMaxObserver, QATLinear, prepare_qat, quantize_, sqnr_db
+from sparseq.nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear
+from sparseq.quant import EmaAbsMaxObserver, QATLinear, calibrate, prepare_qat, quantize_, sqnr_db
 from sparseq.quant.qat import (fake_quantize_per_row, fake_quantize_per_tensor, fake_quantize_weight,
                                round_up_to_power_of_two)
 
@@ -159,19 +159,29 @@ def test_qat_training_lowers_the_loss(scheme):
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
-def test_a_qat_model_converts_to_what_it_trained(scheme):
+CONVERTED = {"w8a8": Int8Linear, "w8a16": Int8WeightOnlyLinear, "w8a8_static": Int8StaticLinear}
+
+
+@pytest.mark.parametrize("pow2_scales", [False, True])
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a16", "w8a8_static"])
+def test_a_qat_model_converts_to_what_it_trained(scheme, pow2_scales):
     x, y = toy_regression(0)
     trained = mlp(2)
     train(trained, x, y, steps=100, lr=1e-2)
-    qat = prepare_qat(copy.deepcopy(trained), scheme)
+    options = {} if scheme == "w8a16" else {"act_bits": 7}
+    qat = prepare_qat(copy.deepcopy(trained), scheme, pow2_scales=pow2_scales, **options)
     train(qat, x, y, steps=20, lr=1e-3)
-    ptq = quantize_(copy.deepcopy(trained), scheme)
+    ptq = copy.deepcopy(trained)
+    if scheme == "w8a8_static":
+        calibrate(ptq, [x])
+    quantize_(ptq, scheme, pow2_scales=pow2_scales, **options)
     x_test, _ = toy_regression(1)
     with torch.no_grad():
+        qat.eval()
         fake_out = qat(x_test)
-        quantize_(qat, scheme)
-        assert type(qat[0]) is (Int8Linear if scheme == "w8a8" else Int8WeightOnlyLinear)
+        # The static scheme reads each QAT layer's act_observer (its trained activation range).
+        quantize_(qat, scheme, pow2_scales=pow2_scales, **options)
+        assert type(qat[0]) is CONVERTED[scheme]
         qat_sqnr = sqnr_db(fake_out, qat(x_test))
         ptq_sqnr = sqnr_db(trained(x_test), ptq(x_test))
     # Per layer the two agree to fp32 rounding; across layers a rounding difference now and then
