@@ -14,7 +14,7 @@
 #include "bsr_kernels.h"
 #include "op_common.h"
 #include "parallel_tiles.h"
-#include "sparse_op_common.h"  // value_type_of
+#include "sparse_op_common.h"  // value_type_of, transpose_to_tile
 #include "sparseq/checks.h"
 #include "sparseq/cpu_features.h"
 
@@ -65,18 +65,6 @@ bool bsr_rows_portable(const BsrProblem& p, int64_t r_begin, int64_t r_end) {
   }
 }
 
-// Tile t of the transposed activations (layout in BsrProblem::xt), zeros past m and k.
-template <typename T>
-void transpose_tile(const T* x, int64_t m, int64_t k, int64_t k_pad, int64_t t, float* xt) {
-  float* dst = xt + t * k_pad * kBsrMTile;
-  const int64_t m0 = t * kBsrMTile, rows = std::min(kBsrMTile, m - m0);
-  if (rows < kBsrMTile || k < k_pad) std::fill(dst, dst + k_pad * kBsrMTile, 0.0f);
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* row = x + (m0 + i) * k;
-    for (int64_t c = 0; c < k; ++c) dst[c * kBsrMTile + i] = static_cast<float>(row[c]);
-  }
-}
-
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, const at::Tensor& block_col_idx,
                           const at::Tensor& values, const c10::optional<at::Tensor>& w_scale,
                           const c10::optional<at::Tensor>& bias, int64_t out_features) {
@@ -119,13 +107,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& block_row_ptr, 
     x_act = at::empty({tiles, k_pad, kBsrMTile}, x.options().dtype(at::kFloat));
     float* xt = x_act.mutable_data_ptr<float>();
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        switch (x.scalar_type()) {
-          case at::kBFloat16: transpose_tile(x.const_data_ptr<c10::BFloat16>(), m, k, k_pad, t, xt); break;
-          case at::kHalf: transpose_tile(x.const_data_ptr<c10::Half>(), m, k, k_pad, t, xt); break;
-          default: transpose_tile(x.const_data_ptr<float>(), m, k, k_pad, t, xt);
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t) transpose_to_tile(x, t * kBsrMTile, kBsrMTile, k_pad, xt + t * k_pad * kBsrMTile);
     });
     p.xt = xt;
   }

@@ -53,13 +53,20 @@ SPARSEQ_AVX2 inline void store_result_block(const SparseEpilogue& ep, const Resu
   const __m256i mask = first_lanes_mask(n_count);
   const __m256 scale = ep.w_scale != nullptr ? _mm256_maskload_ps(ep.w_scale + n0, mask) : _mm256_set1_ps(1.0f);
   const __m256 bias = ep.bias != nullptr ? _mm256_maskload_ps(ep.bias + n0, mask) : _mm256_setzero_ps();
-  const __m256i row_stride = _mm256_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224);
-  for (int64_t i = 0; i < m_count; ++i) {
-    __m256 out = _mm256_i32gather_ps(&block.acc[0][i], row_stride, 4);
-    if (ep.w_scale != nullptr) out = _mm256_mul_ps(out, scale);
-    if (ep.bias != nullptr) out = _mm256_add_ps(out, bias);
-    char* row = static_cast<char*>(ep.out) + (m0 + i) * ep.ldc * (ep.out_type == OutType::kFloat32 ? 4 : 2);
-    store8_float_as(row, ep.out_type, n0, out, n_count);
+  const int64_t out_bytes = ep.out_type == OutType::kFloat32 ? 4 : 2;
+  // 8 x 8 transposes rather than a vgatherdps per x row (microcoded and slow on AMD cores).
+  for (int64_t i0 = 0; i0 < m_count; i0 += 8) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = j < n_count ? _mm256_load_ps(&block.acc[j][i0]) : _mm256_setzero_ps();
+    transpose8x8(r);
+    const int64_t rows = m_count - i0 < 8 ? m_count - i0 : 8;
+    for (int64_t q = 0; q < rows; ++q) {
+      __m256 out = r[q];
+      if (ep.w_scale != nullptr) out = _mm256_mul_ps(out, scale);
+      if (ep.bias != nullptr) out = _mm256_add_ps(out, bias);
+      char* row = static_cast<char*>(ep.out) + (m0 + i0 + q) * ep.ldc * out_bytes;
+      store8_float_as(row, ep.out_type, n0, out, n_count);
+    }
   }
 }
 

@@ -91,6 +91,13 @@ constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                         float* partial, int32_t* columns, float* values_f32);
 
+// The x_tiles tile of rows m0 .. m0 + width - 1 (width 8, 16 or 32; m0 < m) of x [m, k] (row
+// stride ldx, fp32 / bf16 / fp16 as x_type), also the BSR kernels' xt tile:
+// tile[c * width + i] = float(x[m0 + i, c]) for m0 + i < m and c < k, 0 for the rest of
+// [k_pad][width] (k_pad >= k). Bit-exact: a widening and a transpose only.
+void transpose_to_tile_avx2(const void* x, OutType x_type, int64_t ldx, int64_t m, int64_t k, int64_t m0,
+                            int64_t width, int64_t k_pad, float* tile);
+
 void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_t n_end);
 void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
                              int64_t n_end, float* partial, float* values_f32);

@@ -11,10 +11,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "op_common.h"
 #include "parallel_tiles.h"
 #include "sparse_kernels.h"
+#include "sparseq/cpu_features.h"
 
 namespace sparseq::cpu {
 
@@ -98,28 +100,47 @@ void for_each_tile(int64_t m, const Fn& fn) {
   }
 }
 
+template <typename T>
+void transpose_to_tile_portable(const T* x, int64_t m, int64_t k, int64_t m0, int64_t width, int64_t k_pad,
+                                float* tile) {
+  const int64_t rows = std::min(width, m - m0);
+  constexpr int64_t kBlock = 64;  // columns per pass: the block of tile rows stays in L1
+  for (int64_t c0 = 0; c0 < k; c0 += kBlock) {
+    const int64_t c1 = std::min(k, c0 + kBlock);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = x + (m0 + i) * k;
+      for (int64_t c = c0; c < c1; ++c) tile[c * width + i] = static_cast<float>(row[c]);
+    }
+    if (rows < width)
+      for (int64_t c = c0; c < c1; ++c) std::fill(tile + c * width + rows, tile + (c + 1) * width, 0.0f);
+  }
+  std::fill(tile + k * width, tile + k_pad * width, 0.0f);
+}
+
+// One tile of rows m0 .. m0 + width - 1 of x (contiguous [m, k], fp32 / bf16 / fp16) transposed and
+// zero padded, as transpose_to_tile_avx2 documents: the layout of x_tiles and of the BSR kernels' xt.
+inline void transpose_to_tile(const at::Tensor& x, int64_t m0, int64_t width, int64_t k_pad, float* tile) {
+  const int64_t m = x.size(0), k = x.size(1);
+  if (cpu_has_avx2_fma())
+    return transpose_to_tile_avx2(x.const_data_ptr(), out_type_of(x), k, m, k, m0, width, k_pad, tile);
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return transpose_to_tile_portable(x.const_data_ptr<c10::BFloat16>(), m, k, m0, width, k_pad, tile);
+    case at::kHalf: return transpose_to_tile_portable(x.const_data_ptr<c10::Half>(), m, k, m0, width, k_pad, tile);
+    default: return transpose_to_tile_portable(x.const_data_ptr<float>(), m, k, m0, width, k_pad, tile);
+  }
+}
+
 // x_tiles (see SparseActivations): the transpose of x cut into tiles, zero padded.
 inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad) {
-  const int64_t m = x.size(0), k = x.size(1);
-  const at::Tensor xf = x.to(at::kFloat);
   std::vector<std::pair<int64_t, int64_t>> list;
-  for_each_tile(m, [&](int64_t m0, int64_t width) { list.emplace_back(m0, width); });
+  for_each_tile(x.size(0), [&](int64_t m0, int64_t width) { list.emplace_back(m0, width); });
   const int64_t padded_rows = list.back().first + list.back().second;
   at::Tensor tiles = at::empty({padded_rows * k_pad}, x.options().dtype(at::kFloat));
-  const float* src = xf.const_data_ptr<float>();
   float* dst = tiles.mutable_data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(list.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const auto [m0, width] = list[t];
-      float* tile = dst + m0 * k_pad;
-      constexpr int64_t kBlock = 64;  // columns per pass: the block of tile rows stays in L1
-      for (int64_t k0 = 0; k0 < k_pad; k0 += kBlock) {
-        const int64_t k1 = std::min(k_pad, k0 + kBlock);
-        for (int64_t i = 0; i < width; ++i) {
-          const float* row = m0 + i < m ? src + (m0 + i) * k : nullptr;
-          for (int64_t c = k0; c < k1; ++c) tile[c * width + i] = row != nullptr && c < k ? row[c] : 0.0f;
-        }
-      }
+      transpose_to_tile(x, m0, width, k_pad, dst + m0 * k_pad);
     }
   });
   return tiles;
