@@ -134,7 +134,7 @@ def layer_table(dense: nn.Sequential, packed: nn.Sequential) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="a few thousand images and one epoch per stage")
+    parser.add_argument("--fast", action="store_true", help="10000 training images and 1-2 epochs per stage")
     parser.add_argument("--epochs", type=int, default=None, help="dense training epochs")
     parser.add_argument("--sparsity", type=float, default=0.94,
                         help="final sparsity of fc1 and fc2, ranked together by |W| (fc3 is pruned to --fc3)")
