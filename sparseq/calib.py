@@ -99,15 +99,21 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """The model in eval mode for the block; each submodule's own training flag restored after."""
+def training_mode(model: nn.Module, training: bool = True):
+    """The model in train (or eval) mode for the block; each submodule's own training flag
+    restored after."""
     flags = {module: module.training for module in model.modules()}
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
         for module, flag in flags.items():
             module.training = flag
+
+
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block; each submodule's own training flag restored after."""
+    return training_mode(model, False)
 
 
 @contextlib.contextmanager
