@@ -72,24 +72,55 @@ def iter_batches(data: Iterable[Batch], what: str = "calib_data",
         raise ValueError(f"{what} is empty: at least one batch is needed")
 
 
+# The attention mask of the batch run_batches is running (None when it has none): lets
+# activation statistics leave out padded positions, whose values the model never uses.
+_running_token_mask: Optional[torch.Tensor] = None
+
+
+def batch_token_mask(batch: Batch) -> Optional[torch.Tensor]:
+    """A dict batch's ``attention_mask`` [batch, tokens] as bool (True = a real token), else None."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.bool()
+    return None
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """An activation [..., features] as rows [n, features] for calibration statistics, without
+    the rows of padded positions when the batch being run carries an ``attention_mask`` whose
+    shape matches x's leading dims. (A padded position's activations are computed but masked
+    out of attention and pooling: counting them would calibrate for inputs that never matter.)"""
+    mask = _running_token_mask
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
 def run_batches(model: nn.Module, data: Iterable[Batch], what: str = "calib_data",
                 max_batches: Optional[int] = None) -> int:
     """Run every batch of ``data`` through ``model`` in eval mode without gradients (the
     caller's hooks see the activations); restore the training flags; return the batch count.
 
     A batch the model cannot take (wrong shape, wrong keys) raises ValueError naming the batch.
+    While a dict batch with an ``attention_mask`` runs, token_rows() drops its padded positions.
     """
+    global _running_token_mask
     device = model_device(model)
     count = 0
     with eval_mode(model), torch.no_grad():
         for index, batch in enumerate(iter_batches(data, what, max_batches)):
+            batch = batch_to(batch, device)
+            _running_token_mask = batch_token_mask(batch)
             try:
-                call_model(model, batch_to(batch, device))
+                call_model(model, batch)
             except StopForward:
                 pass
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                 raise ValueError(f"{what}: batch {index} could not be run through the model "
                                  f"({type(exc).__name__}: {exc})") from exc
+            finally:
+                _running_token_mask = None
             count += 1
     return count
 

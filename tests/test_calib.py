@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparseq.calib import (StopForward, all_or_nothing, call_model, input_hooks, iter_batches,
+from sparseq.calib import (StopForward, all_or_nothing, call_model, input_hooks, iter_batches, token_rows,
                            main_output, run_batches)
 
 
@@ -74,3 +74,23 @@ def test_all_or_nothing_restores_parameters_on_error():
         with torch.no_grad():
             model.fc.bias.zero_()
     assert bool((model.fc.bias == 0).all())
+
+
+def test_token_rows_leave_out_padded_positions_of_the_running_batch():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, attention_mask):
+            return self.fc(x)
+
+    model = Tokens()
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    seen = []
+    with input_hooks({"fc": model.fc}, lambda name, mod, inp: seen.append(token_rows(inp))):
+        run_batches(model, [{"x": x, "attention_mask": mask}, (x, mask)])
+    torch.testing.assert_close(seen[0], x[mask.bool()])  # the 5 real tokens
+    assert seen[1].shape == (8, 3)  # a tuple batch names no mask: every row counts
+    assert token_rows(x).shape == (8, 3)  # outside a run

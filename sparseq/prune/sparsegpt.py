@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..calib import token_rows
 from .masks import Masks, Targets, layers_to_prune
 from .patterns import Pattern, block_mask, count_pruned, prune_lowest
 from .sequential import prune_sequentially
@@ -25,7 +26,7 @@ class HessianAccumulator:
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = token_rows(x.detach()).float()
         if rows.shape[0] == 0:
             return
         total = self.rows + rows.shape[0]

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from ..calib import token_rows
 from .masks import Masks, Targets, layers_to_prune
 from .patterns import mask_from_scores
 from .sequential import prune_sequentially
@@ -49,7 +50,7 @@ def wanda(model: nn.Module, calib_data: Iterable, sparsity: Optional[float] = No
                                           device=layer.weight.device)
 
         def observe(x):
-            squared_norms[name] += x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+            squared_norms[name] += token_rows(x.detach()).float().pow(2).sum(0)
         return observe
 
     def finish(name, layer):

@@ -8,7 +8,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple, Type
 import torch
 import torch.nn as nn
 
-from ..calib import Batch, input_hooks, run_batches
+from ..calib import Batch, input_hooks, run_batches, token_rows
 from .observers import Observer, ObserverSpec, make_observer
 
 logger = logging.getLogger("sparseq")
@@ -68,7 +68,7 @@ def calibrate(model: nn.Module, calib_data: Iterable[Batch], observer: ObserverS
 
     def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
         try:
-            observers[name].observe(x)
+            observers[name].observe(token_rows(x))
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from exc
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..calib import (all_or_nothing, batch_to, call_model, eval_mode, input_hooks, iter_batches, model_device,
-                     run_batches)
+                     run_batches, token_rows)
 from .calibrate import named_targets
 
 # A fold is kept when the model output moves by at most this fraction of its largest magnitude.
@@ -108,7 +108,7 @@ class _Stats:
         x = x.detach()
         if not torch.isfinite(x).all():
             raise ValueError(f"smooth_quant: the input of layer {name!r} contains NaN or Inf")
-        channel_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
+        channel_max = token_rows(x).abs().amax(dim=0).float().cpu()
         previous = self.act_max.get(name)
         self.act_max[name] = channel_max if previous is None else torch.maximum(previous, channel_max)
         if self.discover:
