@@ -128,7 +128,12 @@ def _scales(act_max: torch.Tensor, weights: List[torch.Tensor], alpha: float) ->
     w_max = torch.stack([w.detach().abs().amax(dim=0).float().cpu() for w in weights]).amax(dim=0)
     s = act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
     # A channel that is zero on either side carries nothing to balance.
-    return torch.where((act_max > 0) & (w_max > 0), s, torch.ones_like(s))
+    s = torch.where((act_max > 0) & (w_max > 0), s, torch.ones_like(s))
+    if any(w.dtype in (torch.bfloat16, torch.float16) for w in weights):
+        # In bf16/fp16 a fold by any other factor re-rounds the weights and moves the output;
+        # by powers of two it is exact, and migrates the range to within a factor of sqrt(2).
+        s = torch.pow(2.0, torch.round(torch.log2(s)))
+    return s
 
 
 def _output_tensors(output: Any) -> List[torch.Tensor]:
@@ -193,7 +198,11 @@ class _Folder:
         touched = [producer] + consumers
         saved = [{k: v.detach().clone() for k, v in m.named_parameters(recurse=False)} for m in touched]
         before = [self.inputs[id(c)] for c in consumers]
-        probe = 0.5 + 1.5 * torch.rand(s.shape, generator=torch.Generator().manual_seed(len(s)))
+        # Powers of two in [1/2, 2] (never all 1): exact in every float format, so the probe
+        # tests the wiring and not the rounding of bf16/fp16 weights.
+        exponents = torch.randint(-1, 2, s.shape, generator=torch.Generator().manual_seed(len(s)))
+        exponents[0] = 1
+        probe = torch.pow(2.0, exponents.float())
         self.apply(producer, kind, consumers, probe)
         outputs, after = self.run(consumers)
         valid = (len(outputs) == len(self.reference) and all(map(_close, outputs, self.reference))

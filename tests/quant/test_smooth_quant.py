@@ -63,6 +63,19 @@ def test_float_model_is_unchanged_and_every_group_is_found():
     assert "0.ln1 (norm) -> 0.q, 0.k, 0.v" in str(report)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_models_fold_by_powers_of_two_exactly(dtype):
+    model = outlier_model().to(dtype)
+    data = [batch.to(dtype) for batch in batches()]
+    original = copy.deepcopy(model)
+    report = smooth_quant(model, data, alpha=0.5)
+    assert {g.producer for g in report.smoothed} >= {"0.ln1", "1.ln2"}
+    for batch in data:
+        assert torch.equal(model(batch), original(batch))  # x / 2^p and W * 2^p round nowhere
+    s = original[0].ln1.weight.float() / model[0].ln1.weight.float()
+    assert torch.equal(s, torch.pow(2.0, torch.round(torch.log2(s)))) and s[3] > 4 * s[0]
+
+
 def test_smoothing_improves_w8a8():
     model, data = outlier_model(), batches()
     plain_dynamic = quantized_sqnr_db(model, data, "w8a8", act_bits=8)
