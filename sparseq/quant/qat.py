@@ -85,9 +85,11 @@ def fake_quantize_per_row(x: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``x`` rounded onto [-qmax, qmax] * scale (one scale for the tensor), q = round(x / scale),
-    and dequantized (float32). Clipped STE: no gradient where |x / scale| > qmax."""
-    scaled = x.detach().float() / scale
+    """``x`` rounded onto [-qmax, qmax] * scale (one scale for the tensor), q = round(x * (1/scale))
+    in fp32 as the static kernel computes it (_ref.quantize_static), and dequantized (float32).
+    Clipped STE: no gradient where |q| would exceed qmax."""
+    inverse = torch.ones_like(scale, dtype=torch.float32) / scale.float()
+    scaled = x.detach().float() * inverse
     inside = scaled.abs() <= qmax
     return _StraightThrough.apply(x, scaled.round().clamp_(-qmax, qmax) * scale, inside)
 

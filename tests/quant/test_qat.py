@@ -209,3 +209,15 @@ def test_bad_input_is_reported_clearly():
     with pytest.raises(ValueError, match="not initialized yet"):
         prepare_qat(model)
     assert type(model[0]) is nn.Linear  # nothing swapped when a later layer fails
+
+
+def test_static_fake_quant_rounds_exactly_like_the_static_kernel():
+    scale = torch.tensor([0.1])  # not a power of two: x / s and x * (1/s) differ near some ties
+    ties = (torch.arange(-130, 130, dtype=torch.float32) + 0.5) * scale
+    up, down = torch.full_like(ties, float("inf")), torch.full_like(ties, float("-inf"))
+    x = torch.cat([ties, torch.nextafter(ties, up), torch.nextafter(torch.nextafter(ties, up), up),
+                   torch.nextafter(ties, down), torch.nextafter(torch.nextafter(ties, down), down)])
+    assert bool(((x / scale).round() != (x * (1 / scale)).round()).any())  # the case is real
+    q, row_scale = _ref.quantize_static(x.reshape(1, -1), scale, 127)
+    expected = (q.float() * row_scale[:, None]).reshape(-1)
+    assert torch.equal(fake_quantize_per_tensor(x, scale, 127), expected)
