@@ -235,8 +235,9 @@ def prepare_qat(model: nn.Module, scheme: str = "w8a8",
       quantize_).
     pow2_scales: round the weight scales (and the static input scale) up to powers of two;
       per-row dynamic input scales are computed by the kernels at run time and stay free.
-    act_bits: 8, 7 or "auto" (what Int8Linear uses: 7 on the CPU, 8 on a GPU); pass the same
-      value to quantize_ if you set it.
+    act_bits: 8, 7 or "auto": what the converted layer will use — for "w8a8", Int8Linear's
+      "auto" (7 on the CPU, 8 on a GPU); for "w8a8_static", "auto" means 8, Int8StaticLinear's
+      default. Pass the same value to quantize_ if you set it.
     ema_decay: the running-range decay of "w8a8_static" (the first batch sets the range).
     The layers keep their Parameters, so an optimizer built before (or after) this call trains
     them, and masks attached to those Parameters keep holding. Layers already QATLinear and
@@ -249,6 +250,8 @@ def prepare_qat(model: nn.Module, scheme: str = "w8a8",
         raise ValueError("prepare_qat swaps submodules in place and cannot replace the model itself; "
                          "use QATLinear.from_linear(linear) for a single layer")
     _check_options(scheme, act_bits)
+    if scheme == "w8a8_static" and act_bits == "auto":
+        act_bits = 8  # Int8StaticLinear fixes its bits when built, 8 unless told otherwise
     if isinstance(targets, type):
         targets = (targets,)
     targets = tuple(targets)
