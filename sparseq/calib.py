@@ -9,6 +9,7 @@ everywhere.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -74,7 +75,8 @@ def iter_batches(data: Iterable[Batch], what: str = "calib_data",
 
 # The attention mask of the batch run_batches is running (None when it has none): lets
 # activation statistics leave out padded positions, whose values the model never uses.
-_running_token_mask: Optional[torch.Tensor] = None
+_running_token_mask: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar(
+    "sparseq_running_token_mask", default=None)
 
 
 def batch_token_mask(batch: Batch) -> Optional[torch.Tensor]:
@@ -91,7 +93,7 @@ def token_rows(x: torch.Tensor) -> torch.Tensor:
     the rows of padded positions when the batch being run carries an ``attention_mask`` whose
     shape matches x's leading dims. (A padded position's activations are computed but masked
     out of attention and pooling: counting them would calibrate for inputs that never matter.)"""
-    mask = _running_token_mask
+    mask = _running_token_mask.get()
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.to(x.device)]
     return x.reshape(-1, x.shape[-1])
@@ -105,13 +107,12 @@ def run_batches(model: nn.Module, data: Iterable[Batch], what: str = "calib_data
     A batch the model cannot take (wrong shape, wrong keys) raises ValueError naming the batch.
     While a dict batch with an ``attention_mask`` runs, token_rows() drops its padded positions.
     """
-    global _running_token_mask
     device = model_device(model)
     count = 0
     with eval_mode(model), torch.no_grad():
         for index, batch in enumerate(iter_batches(data, what, max_batches)):
             batch = batch_to(batch, device)
-            _running_token_mask = batch_token_mask(batch)
+            mask_token = _running_token_mask.set(batch_token_mask(batch))
             try:
                 call_model(model, batch)
             except StopForward:
@@ -120,7 +121,7 @@ def run_batches(model: nn.Module, data: Iterable[Batch], what: str = "calib_data
                 raise ValueError(f"{what}: batch {index} could not be run through the model "
                                  f"({type(exc).__name__}: {exc})") from exc
             finally:
-                _running_token_mask = None
+                _running_token_mask.reset(mask_token)
             count += 1
     return count
 

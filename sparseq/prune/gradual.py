@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..calib import input_hooks, run_batches
+from ..calib import input_hooks, run_batches, token_rows
 from .magnitude import masks_by_scope
 from .masks import Masks, Targets, layers_to_prune
 from .patterns import (check_scope, check_sparsity, global_masks_from_scores, mask_from_scores,
@@ -132,7 +132,7 @@ class GradualPruner:
             squared = {name: 0.0 for name in self.layers}
 
             def observe(name, module, x):
-                squared[name] = squared[name] + x.detach().reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+                squared[name] = squared[name] + token_rows(x.detach()).float().pow(2).sum(0)
             with input_hooks(self.layers, observe):
                 run_batches(self.model, self.calib_data)
             unreached = [name for name, value in squared.items() if isinstance(value, float)]

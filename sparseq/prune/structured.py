@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..calib import eval_mode, input_hooks, main_output, run_batches
+from ..calib import eval_mode, input_hooks, main_output, run_batches, token_rows
 from ..convert import swap_modules
 
 __all__ = ["structured", "StructuredReport", "GroupReport", "GROUP_KINDS"]
@@ -593,8 +593,11 @@ def _input_energy(model: nn.Module, groups: List[_Group], modules: Dict[str, nn.
 
     def accumulate(name: str, module: nn.Module, x: torch.Tensor) -> None:
         x = x.detach().float()
-        channels = x.movedim(-1 if type(module) is nn.Linear else 1, 0)
-        total = channels.pow(2).reshape(channels.shape[0], -1).sum(1)
+        if type(module) is nn.Linear:
+            total = token_rows(x).pow(2).sum(0)
+        else:
+            channels = x.movedim(1, 0)
+            total = channels.pow(2).reshape(channels.shape[0], -1).sum(1)
         energy[name] = energy[name] + total if name in energy else total
 
     with input_hooks(consumers, accumulate):
@@ -652,8 +655,9 @@ def _member_index(member: _Member, kept: torch.Tensor) -> torch.Tensor:
 
 def _rebuilt(module: nn.Module, index: Dict[int, torch.Tensor]) -> nn.Module:
     """A fresh module of the same type with only the indexed outputs (dim 0) / inputs (dim 1)."""
-    weight = module.weight
-    factory = dict(device=weight.device, dtype=weight.dtype)
+    # A BatchNorm without affine parameters still has its running statistics.
+    like = module.weight if module.weight is not None else next(iter(module.buffers()))
+    factory = dict(device=like.device, dtype=like.dtype)
     out_index, in_index = index.get(0), index.get(1)
     if type(module) is nn.Linear:
         new = torch.nn.utils.skip_init(

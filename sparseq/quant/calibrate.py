@@ -64,6 +64,10 @@ def calibrate(model: nn.Module, calib_data: Iterable[Batch], observer: ObserverS
     if not layers:
         raise ValueError(f"calibrate found no {[t.__name__ for t in targets]} layers to calibrate in the "
                          f"{type(model).__name__} (after skip={tuple(skip)})")
+    trained = [name for name, module in layers.items() if isinstance(getattr(module, "act_observer", None), nn.Module)]
+    if trained:
+        raise ValueError(f"layer(s) {trained} already carry a trained activation range (QAT): quantize_ reads it "
+                         f"as it is; leave them out of calibrate (skip=...)")
     observers: Dict[str, Observer] = {name: make_observer(observer) for name in layers}
 
     def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:

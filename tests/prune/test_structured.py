@@ -476,3 +476,16 @@ def test_importance_returning_the_wrong_shape_changes_nothing():
         structured(model, 0.5, torch.randn(2, 8, dtype=torch.float64),
                    importance=lambda name, weights: torch.ones(3))
     assert_unchanged(model, state)
+
+
+def test_batchnorm_without_affine_parameters_is_sliced_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.arange(8.0))
+    x = torch.randn(2, 3, 10, 10)
+    shape = model(x).shape
+    structured(model, 0.5, x)
+    assert model[1].num_features == 4 and model[0].out_channels == 4 and model(x).shape == shape
+    assert set(model[1].running_mean.tolist()) <= set(range(8))  # the kept channels' statistics

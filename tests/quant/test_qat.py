@@ -222,3 +222,11 @@ def test_static_fake_quant_rounds_exactly_like_the_static_kernel():
     q, row_scale = _ref.quantize_static(x.reshape(1, -1), scale, 127)
     expected = (q.float() * row_scale[:, None]).reshape(-1)
     assert torch.equal(fake_quantize_per_tensor(x, scale, 127), expected)
+
+
+def test_calibrate_refuses_qat_layers_before_touching_any():
+    model = prepare_qat(mlp(0), "w8a8_static")
+    x, _ = toy_regression(0)
+    with pytest.raises(ValueError, match="already carry a trained activation range"):
+        calibrate(model, [x])
+    assert all(isinstance(layer.act_observer, EmaAbsMaxObserver) for layer in model if isinstance(layer, QATLinear))
