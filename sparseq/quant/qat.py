@@ -31,12 +31,11 @@ import torch.nn.functional as F
 
 from .. import _ref
 from ..convert import swap_modules
-from ..formats import _quantize_per_channel
+from ..formats import _quantize_per_channel, pow2_ceil
 from ..nn.int8_linear import _ACT_QMAX
 from .quantize import KEEP_AS_LINEAR
 
 QAT_SCHEMES = ("w8a8", "w8a8_static", "w8a16")
-WEIGHT_QMAX = 127
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -58,21 +57,11 @@ class _StraightThrough(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None
 
 
-def round_up_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two >= each (positive) scale, exactly (no log2 rounding error)."""
-    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.ldexp(torch.ones_like(scale), exponent)
-
-
 def fake_quantize_weight(weight: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
     """``weight`` [N, K] rounded onto its per-output-channel symmetric int8 grid and dequantized
     (float32), bit for bit what PackedInt8Weight.pack(weight).unpack() holds; with
     pow2_scales=True each channel's scale is first rounded up to a power of two. Identity STE."""
-    q, scale = _quantize_per_channel(weight)
-    if pow2_scales:
-        scale = round_up_to_power_of_two(scale)
-        q = torch.round(weight.detach().float() / scale[:, None]).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX)
+    q, scale = _quantize_per_channel(weight, pow2_scales)
     return _StraightThrough.apply(weight, q.float() * scale[:, None], None)
 
 
@@ -130,7 +119,7 @@ class EmaAbsMaxObserver(nn.Module):
             raise RuntimeError("the activation observer has seen no data yet: run a forward pass "
                                "(training or calibration batches) first")
         scale = torch.where(self.absmax > 0, self.absmax / qmax, torch.ones_like(self.absmax))
-        return round_up_to_power_of_two(scale) if self.pow2_scales else scale
+        return pow2_ceil(scale) if self.pow2_scales else scale
 
     def scale(self, qmax: int) -> float:
         """The per-tensor activation scale for quantizing to [-qmax, qmax]: x_q = round(x / scale)."""

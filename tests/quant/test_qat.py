@@ -6,11 +6,10 @@ import torch
 import torch.nn as nn
 
 from sparseq import _ref
-from sparseq.formats import PackedInt8Weight
+from sparseq.formats import PackedInt8Weight, pow2_ceil
 from sparseq.nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear
 from sparseq.quant import EmaAbsMaxObserver, QATLinear, calibrate, prepare_qat, quantize_, sqnr_db
-from sparseq.quant.qat import (fake_quantize_per_row, fake_quantize_per_tensor, fake_quantize_weight,
-                               round_up_to_power_of_two)
+from sparseq.quant.qat import fake_quantize_per_row, fake_quantize_per_tensor, fake_quantize_weight
 
 
 def weight_with_awkward_rows():
@@ -61,10 +60,10 @@ def test_fake_quant_forward_equals_the_int8_layer(scheme, act_bits, layer_cls):
 
 def test_power_of_two_scales():
     scales = torch.tensor([0.3, 0.5, 1.0, 3.0, 1.5 * 2.0 ** -20])
-    assert torch.equal(round_up_to_power_of_two(scales), torch.tensor([0.5, 0.5, 1.0, 4.0, 2.0 ** -19]))
+    assert torch.equal(pow2_ceil(scales), torch.tensor([0.5, 0.5, 1.0, 4.0, 2.0 ** -19]))
     weight = weight_with_awkward_rows()
     fake = fake_quantize_weight(weight, pow2_scales=True)
-    step = round_up_to_power_of_two(PackedInt8Weight.pack(weight).scale)[:, None]
+    step = pow2_ceil(PackedInt8Weight.pack(weight).scale)[:, None]
     codes = fake / step
     assert torch.equal(codes, codes.round()) and codes.abs().max() <= 127
     assert ((fake - weight).abs() <= step / 2).all()
