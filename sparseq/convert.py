@@ -15,6 +15,14 @@ MakeReplacement = Callable[[nn.Module, str], Optional[nn.Module]]
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+def name_matches(fqn: str, patterns: Iterable[str]) -> bool:
+    """Whether the dotted module name ``fqn``, or the name of a module enclosing it, matches one
+    of the fnmatch ``patterns`` (the rule every pass's skip / ignore argument follows)."""
+    parts = fqn.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern)
+               for i in range(1, len(parts) + 1) for pattern in patterns)
+
+
 def _is_under(fqn: str, prefixes: Iterable[str]) -> bool:
     return any(fqn.startswith(prefix + ".") for prefix in prefixes)
 

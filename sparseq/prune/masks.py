@@ -1,12 +1,12 @@
 """Which layers a pass prunes, and the Masks object every pruning pass returns."""
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple, Type
+from typing import Any, Dict, Iterable, Iterator, Mapping, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 
+from ..convert import name_matches
 from .patterns import Pattern, check_fits, check_sparsity, parse_pattern
 
 Targets = Sequence[Type[nn.Module]]
@@ -38,13 +38,9 @@ def prunable_layers(model: nn.Module, targets: Targets = (nn.Linear,),
     if not targets or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in targets):
         raise TypeError(f"targets must be nn.Module classes such as (nn.Linear,), got {targets!r}")
     ignore = _normalise_ignore(ignore)
-    ignored: List[str] = []
     layers: Dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in ignored):
-            continue
-        if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in ignore):
-            ignored.append(name)
+        if name and name_matches(name, ignore):
             continue
         weight = getattr(module, "weight", None)
         if isinstance(module, targets) and isinstance(weight, torch.Tensor) and weight.dim() >= 2:

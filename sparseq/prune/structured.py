@@ -38,7 +38,6 @@ recognised) gets a ValueError naming the module where tracing failed; it is neve
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import numbers
 import operator
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..calib import eval_mode, input_hooks, main_output, run_batches, token_rows
-from ..convert import swap_modules
+from ..convert import name_matches, swap_modules
 
 __all__ = ["structured", "StructuredReport", "GroupReport", "GROUP_KINDS"]
 
@@ -737,12 +736,6 @@ def _check_arguments(model, ratio, importance, targets, round_to, calib_data) ->
     return targets
 
 
-def _ignored(name: str, patterns: Sequence[str]) -> bool:
-    parts = name.split(".")
-    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
-
-
 def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: Importance = "l2",
                targets: Iterable[str] = GROUP_KINDS, ignore: Iterable[str] = (),
                round_to: int = 1, calib_data: Optional[Iterable[Any]] = None) -> nn.Module:
@@ -816,7 +809,7 @@ def structured(model: nn.Module, ratio: float, example_inputs: Any, importance: 
     for group in groups:
         if group.kind not in targets:
             continue
-        if any(_ignored(member.name, ignore) for member in group.members):
+        if any(name_matches(member.name, ignore) for member in group.members):
             skipped[group.name] = "ignored"
             continue
         chosen.append(group)

@@ -1,7 +1,6 @@
 """calibrate: static activation ranges for the Linear layers of a model, from real data."""
 from __future__ import annotations
 
-import fnmatch
 import logging
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Type
 
@@ -9,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..calib import Batch, input_hooks, run_batches, token_rows
+from ..convert import name_matches
 from .observers import Observer, ObserverSpec, make_observer
 
 logger = logging.getLogger("sparseq")
@@ -30,9 +30,7 @@ def named_targets(model: nn.Module, targets: Sequence[Type[nn.Module]] = (nn.Lin
     for name, module in model.named_modules():
         if not name or id(module) in seen or not isinstance(module, targets):
             continue
-        parts = name.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in skip):
+        if name_matches(name, skip):
             continue
         seen.add(id(module))
         found[name] = module
