@@ -14,9 +14,9 @@ not loaded).
 
 Recipes, each on a fresh copy of the dense model:
   baselines: torch.ao quantize_dynamic (qint8); plain magnitude pruning at 50% per layer
-  W8A8: sparseq's dynamic "w8a8"; SmoothQuant + calibration + static "w8a8_static", the few most
-  quantization-sensitive layers keeping per-row activation scales (every layer W8A8)
-  one-shot 50% unstructured: Wanda; SparseGPT
+  W8A8: sparseq's dynamic "w8a8"; SmoothQuant + calibration + static "w8a8_static" for 24 of the
+  36 layers, the 12 most quantization-sensitive keeping per-row activation scales (every layer W8A8)
+  one-shot 50% unstructured: Wanda (one calibration pass); SparseGPT (layer by layer)
   SparseGPT 50% unstructured, then distillation from the dense teacher (masks attached)
   SparseGPT 2:4, then distillation
 Pruned models are then made fast with sparseq.sparsify_ (float, and int8 weights for the distilled
@@ -71,7 +71,7 @@ class Settings:
 
 
 FULL = Settings(eval_texts=256, calib_texts=128, train_texts=1024, seq_len=128, batch_size=16,
-                distill_steps=200, distill_lr=1e-4, smooth_alpha=0.5, observer="mse", dynamic_layers=8,
+                distill_steps=200, distill_lr=1e-4, smooth_alpha=0.5, observer="mse", dynamic_layers=12,
                 latency_batch=32, latency_seq=128, latency_runs=5)
 FAST = Settings(eval_texts=16, calib_texts=8, train_texts=16, seq_len=32, batch_size=8,
                 distill_steps=2, distill_lr=1e-4, smooth_alpha=0.5, observer="mse", dynamic_layers=1,
@@ -220,8 +220,11 @@ def magnitude_pruned(model: nn.Module, data: Data, pattern="unstructured"):
 
 
 def wanda_pruned(model: nn.Module, data: Data, pattern="unstructured"):
+    # One calibration pass on the dense model: on MiniLM it scores higher than layer by layer on
+    # the already-pruned model (mean cosine 0.853 vs 0.848, the same over four calibration sets).
     sparsity = SPARSITY if pattern == "unstructured" else None
-    return prune.wanda(model, data.calib, sparsity, pattern=pattern, ignore=ignore_outside_encoder(model))
+    return prune.wanda(model, data.calib, sparsity, pattern=pattern, ignore=ignore_outside_encoder(model),
+                       sequential=False)
 
 
 def sparsegpt_pruned(model: nn.Module, data: Data, pattern="unstructured"):
@@ -314,8 +317,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> List[Row]:
     smoothing = quant.smooth_quant(model, data.calib, alpha=settings.smooth_alpha)
     log(f"  {str(smoothing).splitlines()[0]}")
     quant.calibrate(model, data.calib, observer=settings.observer)
-    # Every layer stays W8A8 (8-bit activations); the few whose output a single calibrated scale
-    # hurts most (sparseq.quant.sensitivity on the calibration text) scale per row at run time.
+    # Every layer stays W8A8 (8-bit activations); those whose output a single calibrated scale
+    # hurts most (sparseq.quant.sensitivity on the calibration text: the FFN outputs after GELU and
+    # the attention keys, mostly) scale per row at run time. Mean cosine with 0 / 8 / 10 / 12 / 16
+    # of them dynamic: 0.983 / 0.992 / 0.995 / 0.997 / 0.998 (all dynamic: 0.998).
     quant.quantize_(model, "w8a8_static", act_bits=8, skip_sensitive=settings.dynamic_layers,
                     calib_data=data.calib)
     log(f"  {settings.dynamic_layers} most sensitive layers: dynamic w8a8 (8-bit activations)")
