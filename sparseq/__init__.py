@@ -35,6 +35,6 @@ if not HAS_EXT:
 from . import ops  # noqa: E402,F401
 from .formats import PackedInt8Weight  # noqa: E402,F401
 from .sparsify import sparsify_  # noqa: E402,F401
-from .compress import compress  # noqa: E402,F401
+from .compression import compress  # noqa: E402,F401
 
 __all__ = ["ops", "PackedInt8Weight", "sparsify_", "compress", "HAS_EXT", "__version__"]

@@ -1,7 +1,6 @@
 """sparseq.compress end to end on small models: presets, YAML and list recipes, distillation, the
 conversion's layer choices, rejections that leave the model untouched, and restores after a step
 fails part way."""
-import importlib
 import json
 
 import pytest
@@ -14,7 +13,7 @@ import sparseq
 from sparseq.nn import Int8Linear
 from sparseq.recipes import PRESETS, RecipeError, load_recipe, recipe_as_list
 
-compress_module = importlib.import_module("sparseq.compress")  # sparseq.compress is the function
+import sparseq.compression as compress_module
 
 
 def make_mlp():
@@ -98,7 +97,7 @@ def test_every_preset_converts_a_bert_and_runs(preset, caplog):
     model, batches = make_bert(), bert_batches()
     with torch.no_grad():
         reference = model(**batches[0]).last_hidden_state
-    with caplog.at_level("INFO", logger="sparseq.compress"):
+    with caplog.at_level("INFO", logger="sparseq.compression"):
         assert sparseq.compress(model, preset, calib_data=batches) is model
     layers = kinds(model)
     assert len(layers) == 13  # 2 x (q, k, v, attention output, intermediate, output) + pooler
@@ -288,7 +287,7 @@ def test_pruned_convolutions_keep_their_zeros_in_place():
 
 
 def test_unused_train_data_and_teacher_are_reported(caplog):
-    with caplog.at_level("WARNING", logger="sparseq.compress"):
+    with caplog.at_level("WARNING", logger="sparseq.compression"):
         sparseq.compress(make_mlp(), "w8a16", train_data=[(mlp_batches()[0], None)], teacher=make_mlp())
     assert "train_data is given but the recipe has no distill step" in caplog.text
     assert "teacher is given but the recipe has no distill step" in caplog.text

@@ -49,7 +49,7 @@ from .recipes import (PRESETS, TARGET_CLASSES, RecipeError, Step, check_inputs, 
 
 __all__ = ["compress", "CompressReport", "PRESETS"]
 
-logger = logging.getLogger("sparseq.compress")
+logger = logging.getLogger("sparseq.compression")
 
 _PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
 
