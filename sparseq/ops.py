@@ -45,6 +45,27 @@ def _cuda_capability(index: Optional[int]) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _probe_cpu_int8_full_rate_bits() -> int:
+    if HAS_EXT:
+        from . import _C
+
+        if _C.cpu_features().get("vnni_kernels_enabled", False):
+            return 8
+    return 7
+
+
+# Read once at import (torch.compile cannot trace the extension's feature query).
+_CPU_INT8_FULL_RATE_BITS = _probe_cpu_int8_full_rate_bits()
+
+
+def cpu_int8_full_rate_bits() -> int:
+    """The activation bits the CPU int8 core multiplies at full rate: 8 with AVX-512 VNNI
+    (vpdpbusd is exact for every u8 x s8), else 7 (AVX2's vpmaddubsw is exact at full rate only
+    for 7-bit unsigned activations; 8 bits need an extra sign operation per product). Read once,
+    at import, from the CPU's features and SPARSEQ_DISABLE_VNNI."""
+    return _CPU_INT8_FULL_RATE_BITS
+
+
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend is None or backend == "auto":  # the layers' per-call case first: it is on the hot path
         return "ext" if ext_supports(device) else "reference"

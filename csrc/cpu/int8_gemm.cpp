@@ -55,13 +55,13 @@ bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, i
       for (int i = 0; i < 16; ++i) {
         const int64_t n = nb * 16 + i;
         if (n >= p.n) break;
-        if (p.c_int32 != nullptr) {
-          p.c_int32[m * p.ldc + n] = acc[i];
-          continue;
-        }
-        // Wrapping int32 arithmetic, like the vector kernel; the true result fits in int32.
+        // Wrapping int32 arithmetic, like the vector kernels; the true result fits in int32.
         const uint32_t corrected = static_cast<uint32_t>(acc[i]) -
                                    static_cast<uint32_t>(p.a_offset) * static_cast<uint32_t>(p.a_offset ? p.w_rowsum[n] : 0);
+        if (p.c_int32 != nullptr) {
+          p.c_int32[m * p.ldc + n] = static_cast<int32_t>(corrected);
+          continue;
+        }
         float out = static_cast<float>(static_cast<int32_t>(corrected)) * (p.x_scale[m] * p.w_scale[n]);
         if (p.bias != nullptr) out += p.bias[n];
         store_float_as(p.c_out, p.out_type, m * p.ldc + n, out);
@@ -71,14 +71,28 @@ bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, i
   return true;
 }
 
-bool run_gemm(const GemmProblem& p, bool use_avx2) {
+GemmKernel best_gemm_kernel() {
+  if (cpu_has_avx512_vnni()) return GemmKernel::kAvx512Vnni;
+  return cpu_has_avx2_fma() ? GemmKernel::kAvx2 : GemmKernel::kPortable;
+}
+
+bool run_gemm(const GemmProblem& p, GemmKernel kernel) {
+  TORCH_CHECK(kernel != GemmKernel::kAvx512Vnni || p.a_sign == nullptr,
+              "sparseq: internal error: the VNNI int8 core takes the offset form only");
   const int64_t n_blocks = packed_blocks_n(p.n);
   const int64_t bytes_per_row = std::max<int64_t>(1, p.lda) * (p.a_sign != nullptr ? 2 : 1);
+  // The VNNI core's row tiles are 6 high; the AVX2 core's 4.
+  const int64_t row_multiple = kernel == GemmKernel::kAvx512Vnni ? 6 : 4;
+  const int64_t chunk_rows = std::max<int64_t>(row_multiple, kActivationChunkBytes / bytes_per_row / row_multiple * row_multiple);
   std::atomic<bool> exact{true};
-  parallel_tiles(p.m, n_blocks, p.k_quads * 4, std::max<int64_t>(4, kActivationChunkBytes / bytes_per_row / 4 * 4), 4,
+  parallel_tiles(p.m, n_blocks, p.k_quads * 4, chunk_rows, row_multiple,
                  [&](int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-                   const bool ok = use_avx2 ? gemm_tiles_avx2(p, m0, m1, nb0, nb1)
-                                            : gemm_tiles_portable(p, m0, m1, nb0, nb1);
+                   bool ok = true;
+                   switch (kernel) {
+                     case GemmKernel::kAvx512Vnni: ok = gemm_tiles_avx512_vnni(p, m0, m1, nb0, nb1); break;
+                     case GemmKernel::kAvx2: ok = gemm_tiles_avx2(p, m0, m1, nb0, nb1); break;
+                     default: ok = gemm_tiles_portable(p, m0, m1, nb0, nb1);
+                   }
                    if (!ok) exact.store(false);
                  });
   return exact.load();
@@ -186,7 +200,30 @@ void add_wrapped_int8_min_correction(const int8_t* a, const int8_t* b, int64_t m
   });
 }
 
-at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx2) {
+// a [m, k] -> a + 128 as u8, zero padded to lda columns: the offset form of the VNNI core.
+void offset_by_128(const int8_t* a, int64_t m, int64_t k, int64_t lda, uint8_t* a_u) {
+  at::parallel_for(0, m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int8_t* src = a + r * k;
+      uint8_t* u = a_u + r * lda;
+      for (int64_t i = 0; i < k; ++i) u[i] = static_cast<uint8_t>(src[i]) ^ 0x80;
+      for (int64_t i = k; i < lda; ++i) u[i] = 0;
+    }
+  });
+}
+
+// rowsum[n] = sum_k b[n, k]: the offset form's correction.
+void row_sums(const int8_t* b, int64_t n, int64_t k, int32_t* rowsum) {
+  at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < k; ++i) sum += b[r * k + i];
+      rowsum[r] = sum;
+    }
+  });
+}
+
+at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, GemmKernel kernel) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
   at::Tensor out = at::empty({m, n}, a.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
@@ -195,15 +232,24 @@ at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx
   const int8_t* b_data = b.const_data_ptr<int8_t>();
 
   const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
-  at::Tensor a_u = at::empty({m, lda}, a.options().dtype(at::kByte));
-  at::Tensor a_sign = at::empty({m, lda}, a.options());
-  split_magnitude_sign(a_data, m, k, lda, a_u.mutable_data_ptr<uint8_t>(), a_sign.mutable_data_ptr<int8_t>());
   at::Tensor b_packed = at::empty({packed_blocks_n(n), k_quads, kPackN, kPackK}, b.options());
   pack_n16k4(b_data, n, k, b_packed.mutable_data_ptr<int8_t>());
-
+  at::Tensor a_u = at::empty({m, lda}, a.options().dtype(at::kByte));
   GemmProblem p;
+  at::Tensor a_sign, b_rowsum;
+  if (kernel == GemmKernel::kAvx512Vnni) {
+    // vpdpbusd is exact for every u8 x s8: a + 128, corrected by 128 * rowsum (no -128 issue).
+    offset_by_128(a_data, m, k, lda, a_u.mutable_data_ptr<uint8_t>());
+    b_rowsum = at::empty({n}, a.options().dtype(at::kInt));
+    row_sums(b_data, n, k, b_rowsum.mutable_data_ptr<int32_t>());
+    p.a_offset = 128;
+    p.w_rowsum = b_rowsum.const_data_ptr<int32_t>();
+  } else {
+    a_sign = at::empty({m, lda}, a.options());
+    split_magnitude_sign(a_data, m, k, lda, a_u.mutable_data_ptr<uint8_t>(), a_sign.mutable_data_ptr<int8_t>());
+    p.a_sign = a_sign.const_data_ptr<int8_t>();
+  }
   p.a_u = a_u.const_data_ptr<uint8_t>();
-  p.a_sign = a_sign.const_data_ptr<int8_t>();
   p.lda = lda;
   p.w_packed = b_packed.const_data_ptr<int8_t>();
   p.k_quads = k_quads;
@@ -211,9 +257,9 @@ at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, bool use_avx
   p.n = n;
   p.c_int32 = out.mutable_data_ptr<int32_t>();
   p.ldc = n;
-  run_gemm(p, use_avx2);
-  // The portable kernel multiplies in int32 and never wraps; only the vector kernel needs this.
-  if (use_avx2 && contains_int8_min(b_data, n * k))
+  run_gemm(p, kernel);
+  // The portable kernel multiplies in int32 and never wraps; only the AVX2 sign trick needs this.
+  if (kernel == GemmKernel::kAvx2 && contains_int8_min(b_data, n * k))
     add_wrapped_int8_min_correction(a_data, b_data, m, k, n, p.c_int32);
   return out;
 }
@@ -223,7 +269,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_matrix(b, "b");
   TORCH_CHECK(a.size(1) == b.size(1), "sparseq: int8_gemm needs a [M,K] and b [N,K] with the same K, got a ",
               a.sizes(), " and b ", b.sizes());
-  return int8_gemm_impl(a, b, cpu_has_avx2_fma());
+  return int8_gemm_impl(a, b, best_gemm_kernel());
 }
 
 }  // namespace

@@ -47,10 +47,19 @@ bool gemm_tiles_avx2(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64
                      int64_t nb_end);
 bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
                          int64_t nb_end);
+// AVX-512 VNNI (vpdpbusd): exact for any u8 x s8, so it takes the offset form only
+// (a_sign == nullptr) with any a_offset; -128 in w needs no check.
+bool gemm_tiles_avx512_vnni(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
+                            int64_t nb_end);
+
+// Which micro-kernels run the core, best first; chosen per call from the CPU's features and the
+// SPARSEQ_DISABLE_VNNI / SPARSEQ_DISABLE_AVX2 switches (see sparseq/cpu_features.h).
+enum class GemmKernel : int { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+GemmKernel best_gemm_kernel();
 
 // Runs the core over the whole problem with at::parallel_for (defined in int8_gemm.cpp).
 // Returns false as gemm_tiles_* does.
-bool run_gemm(const GemmProblem& p, bool use_avx2);
+bool run_gemm(const GemmProblem& p, GemmKernel kernel);
 
 // dst[r] += sum over i < count of rows[i][r], r < m: the u8 row sums of int8_gemm's correction of
 // the sign trick's wrapped -128 products (see int8_gemm.cpp). Any count: partial sums are
@@ -64,7 +73,8 @@ void add_u8_rows_avx2(const uint8_t* const* rows, int64_t count, int64_t m, int3
 // positive and finite with a finite inverse makes every row quantize like a non-finite row.
 // Either way a row holding NaN/Inf gets q = 0 and x_scale NaN. Writes row m of the kernel's
 // activation operand:
-//   a_sign == nullptr: a_u = q + qmax + 1 (the offset form, for qmax = 63);
+//   a_sign == nullptr: a_u = q + qmax + 1 (the offset form: qmax = 63 for the AVX2 core, whose
+//     vpmaddubsw needs a_u <= 127; any qmax for the VNNI core);
 //   otherwise a_u = |q|, a_sign = q.
 // K is padded to lda with zeros in both (a_u padding is harmless: packed w is zero there).
 void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begin, int64_t m_end,

@@ -113,11 +113,13 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
 
-  const bool use_avx2 = cpu_has_avx2_fma();
+  const GemmKernel kernel = best_gemm_kernel();
+  const bool use_avx2 = kernel != GemmKernel::kPortable;
   const int32_t qmax = static_cast<int32_t>(act_qmax);
-  // 7-bit activations go unsigned as q + 64 in [1, 127]: vpmaddubsw stays exact with no sign
-  // op (the fastest path), corrected by 64 * rowsum. 8-bit ones use the sign trick.
-  const bool offset_form = qmax == 63;
+  // Activations go unsigned as q + qmax + 1, corrected by (qmax + 1) * rowsum in the epilogue,
+  // wherever the core is exact for them: always with VNNI, and for 7-bit ones (q + 64 in
+  // [1, 127]) with AVX2's vpmaddubsw, the fastest AVX2 path. 8-bit ones on AVX2 use the sign trick.
+  const bool offset_form = qmax == 63 || kernel == GemmKernel::kAvx512Vnni;
   const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
   at::Tensor a_u = at::empty({m, lda}, x.options().dtype(at::kByte));
   at::Tensor a_sign;
@@ -146,11 +148,11 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, con
   p.w_scale = w_scale.const_data_ptr<float>();
   p.bias = float_ptr_or_null(bias_f32);
   p.check_w_min = !offset_form;
-  if (!run_gemm(p, use_avx2)) {
+  if (!run_gemm(p, kernel)) {
     // A weight of -128 (PackedInt8Weight never makes one) breaks the sign trick; redo exactly.
     TORCH_WARN_ONCE("sparseq: int8_linear weight holds -128; using the slow exact path (pack weights with "
                     "sparseq.PackedInt8Weight, which keeps them in [-127, 127])");
-    run_gemm(p, /*use_avx2=*/false);
+    run_gemm(p, GemmKernel::kPortable);
   }
   return out;
 }

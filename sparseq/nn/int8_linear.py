@@ -93,9 +93,10 @@ class Int8Linear(_PackedInt8Linear):
     """W8A8 dynamic linear: per-output-channel int8 weight, per-row int8 activations.
 
     act_bits=8 quantizes activations to [-127, 127]; act_bits=7 to [-63, 63] (fbgemm's
-    "reduce_range"). act_bits="auto" (the default) picks per call by device: 7 on the CPU, where
-    AVX2 without VNNI multiplies 7-bit unsigned by int8 exactly at full rate but needs an extra
-    sign operation per product for 8 bits (about 1.4x slower), and 8 elsewhere. Same call
+    "reduce_range"). act_bits="auto" (the default) picks per call by device: on the CPU the bits
+    its int8 core multiplies at full rate (sparseq.ops.cpu_int8_full_rate_bits: 8 with AVX-512
+    VNNI; 7 on AVX2 without VNNI, which needs an extra sign operation per product for 8 bits,
+    about 1.4x slower), and 8 elsewhere. Same call
     signature as nn.Linear: any leading dims, float32 / bfloat16 / float16 input, output in the
     input's dtype.
     """
@@ -125,7 +126,7 @@ class Int8Linear(_PackedInt8Linear):
         """The activation bits a call on ``device`` uses (resolves act_bits="auto")."""
         if self.act_bits != "auto":
             return self.act_bits
-        return 7 if device.type == "cpu" else 8
+        return ops.cpu_int8_full_rate_bits() if device.type == "cpu" else 8
 
     def _extra_repr_options(self) -> str:
         return f", act_bits={self.act_bits}"

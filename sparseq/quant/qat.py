@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _ref
+from .. import _ref, ops
 from ..convert import swap_modules
 from ..formats import _quantize_per_channel, pow2_ceil
 from ..nn.int8_linear import _ACT_QMAX
@@ -134,8 +134,9 @@ class QATLinear(nn.Linear):
     input) as sparseq's int8 layers will; see this module's docstring for the grids and the STE.
 
     Build it with QATLinear.from_linear (prepare_qat does), which shares the Linear's
-    Parameters. act_bits: 8 (qmax 127), 7 (qmax 63) or "auto" (7 on the CPU, 8 elsewhere,
-    resolved per call from the input's device, as Int8Linear's "auto" is). The output is
+    Parameters. act_bits: 8 (qmax 127), 7 (qmax 63) or "auto" (on the CPU the bits its int8
+    core runs at full rate, sparseq.ops.cpu_int8_full_rate_bits; 8 elsewhere; resolved per call
+    from the input's device, as Int8Linear's "auto" is). The output is
     computed in float32 (as the int8 kernels' epilogue is) and returned in the input's dtype.
     """
 
@@ -172,7 +173,7 @@ class QATLinear(nn.Linear):
 
     def act_qmax_for(self, device: torch.device) -> int:
         """The activation qmax a call on ``device`` uses (resolves act_bits="auto")."""
-        bits = self.act_bits if self.act_bits != "auto" else (7 if device.type == "cpu" else 8)
+        bits = self.act_bits if self.act_bits != "auto" else (ops.cpu_int8_full_rate_bits() if device.type == "cpu" else 8)
         return _ACT_QMAX[bits]
 
     def fake_quant_weight(self) -> torch.Tensor:

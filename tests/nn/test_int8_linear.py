@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import sparseq
+import sparseq.ops
 from sparseq.nn import Int8Linear, Int8WeightOnlyLinear
 from sparseq.quant import sqnr_db
 
@@ -257,12 +259,15 @@ def test_cuda_layer_matches_cpu_layer(kind):
     torch.testing.assert_close(on_gpu(x.cuda()).cpu(), layer(x), rtol=1e-4, atol=1e-4)
 
 
-def test_auto_act_bits_is_7_on_cpu():
+def test_auto_act_bits_are_the_cpu_cores_full_rate_bits():
     linear = gaussian_linear(64, 48)
     auto = Int8Linear.from_dense(linear)
-    assert auto.act_bits == "auto" and auto.act_bits_for(torch.device("cpu")) == 7
+    vnni = sparseq.HAS_EXT and sparseq._C.cpu_features()["vnni_kernels_enabled"]
+    cpu_bits = 8 if vnni else 7
+    assert sparseq.ops.cpu_int8_full_rate_bits() == cpu_bits
+    assert auto.act_bits == "auto" and auto.act_bits_for(torch.device("cpu")) == cpu_bits
     assert auto.act_bits_for(torch.device("cuda")) == 8
     x = torch.randn(5, 64)
     with torch.no_grad():
-        assert torch.equal(auto(x), Int8Linear.from_dense(linear, act_bits=7)(x))
+        assert torch.equal(auto(x), Int8Linear.from_dense(linear, act_bits=cpu_bits)(x))
     assert "act_bits=auto" in repr(auto)

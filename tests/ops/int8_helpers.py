@@ -46,3 +46,23 @@ def _assert_float_close(out: torch.Tensor, ref: torch.Tensor, exact_fp32: torch.
     else:
         eps = torch.finfo(ref.dtype).eps
         torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=1e-6 * scale + 1e-30)
+
+
+CPU_INT8_PATHS = ("vnni", "avx2", "portable")
+
+
+def select_cpu_int8_path(monkeypatch, path: str) -> None:
+    """Make the int8 GEMM core run on ``path`` (the switches are read on every op call): "vnni"
+    (AVX-512 VNNI), "avx2" (VNNI switched off) or "portable" (AVX2 switched off too). Skips
+    the test where this CPU lacks the path."""
+    import pytest
+
+    monkeypatch.setenv("SPARSEQ_DISABLE_AVX2", "1" if path == "portable" else "0")
+    monkeypatch.setenv("SPARSEQ_DISABLE_VNNI", "0" if path == "vnni" else "1")
+    features = sparseq._C.cpu_features()
+    if path != "portable" and not features["avx2_kernels_enabled"]:
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    if path == "vnni" and not features["vnni_kernels_enabled"]:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    assert features["avx2_kernels_enabled"] == (path != "portable")
+    assert features["vnni_kernels_enabled"] == (path == "vnni")

@@ -1,4 +1,4 @@
-"""CPU kernels of the three int8 ops against sparseq._ref, on both the AVX2 and the portable path."""
+"""CPU kernels of the three int8 ops against sparseq._ref, on every CPU path (AVX-512 VNNI, AVX2, portable)."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +9,8 @@ import torch
 import sparseq
 from sparseq import _ref
 
-from .int8_helpers import FLOAT_DTYPES, _assert_float_close, _gen, _int8, _packed
+from .int8_helpers import (CPU_INT8_PATHS, FLOAT_DTYPES, _assert_float_close, _gen, _int8, _packed,
+                           select_cpu_int8_path)
 
 if not sparseq.HAS_EXT:
     pytest.skip(f"sparseq extension not built ({sparseq.EXT_ERROR})", allow_module_level=True)
@@ -17,17 +18,10 @@ if not sparseq.HAS_EXT:
 ops = torch.ops.sparseq
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=CPU_INT8_PATHS)
 def kernel_path(request, monkeypatch):
-    """Runs the test once per CPU path; SPARSEQ_DISABLE_AVX2 is read on every op call."""
-    if request.param == "portable":
-        monkeypatch.setenv("SPARSEQ_DISABLE_AVX2", "1")
-    else:
-        monkeypatch.delenv("SPARSEQ_DISABLE_AVX2", raising=False)
-        if not sparseq._C.cpu_features()["avx2_kernels_enabled"]:
-            pytest.skip("this CPU has no AVX2/FMA/F16C")
-    enabled = sparseq._C.cpu_features()["avx2_kernels_enabled"]
-    assert enabled == (request.param == "avx2")
+    """Runs the test once per CPU path of the int8 core."""
+    select_cpu_int8_path(monkeypatch, request.param)
     return request.param
 
 

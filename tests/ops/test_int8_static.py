@@ -1,5 +1,5 @@
-"""int8_linear_static (W8A8 with one calibrated activation scale): the CPU kernels (AVX2 and
-portable) against sparseq._ref, the reference against a hand computation, and bad input."""
+"""int8_linear_static (W8A8 with one calibrated activation scale): the CPU kernels (AVX-512 VNNI,
+AVX2, portable) against sparseq._ref, the reference against a hand computation, and bad input."""
 from __future__ import annotations
 
 import pytest
@@ -9,24 +9,20 @@ import sparseq
 from sparseq import _ref, ops
 from sparseq.formats import PackedInt8Weight
 
-from .int8_helpers import FLOAT_DTYPES, _assert_float_close, _gen, _int8, _packed
+from .int8_helpers import (CPU_INT8_PATHS, FLOAT_DTYPES, _assert_float_close, _gen, _int8, _packed,
+                           select_cpu_int8_path)
 
 needs_ext = pytest.mark.skipif(not sparseq.HAS_EXT, reason=f"sparseq extension not built ({sparseq.EXT_ERROR})")
 
 
-@pytest.fixture(params=["avx2", "portable", "reference"])
+@pytest.fixture(params=CPU_INT8_PATHS + ("reference",))
 def backend(request, monkeypatch):
     """The compiled CPU kernel on each path, and the reference (which runs without the extension)."""
     if request.param == "reference":
         return "reference"
     if not sparseq.HAS_EXT:
         pytest.skip(f"sparseq extension not built ({sparseq.EXT_ERROR})")
-    if request.param == "portable":
-        monkeypatch.setenv("SPARSEQ_DISABLE_AVX2", "1")
-    else:
-        monkeypatch.delenv("SPARSEQ_DISABLE_AVX2", raising=False)
-        if not sparseq._C.cpu_features()["avx2_kernels_enabled"]:
-            pytest.skip("this CPU has no AVX2/FMA/F16C")
+    select_cpu_int8_path(monkeypatch, request.param)
     return "cpu"
 
 

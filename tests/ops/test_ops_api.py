@@ -152,11 +152,13 @@ _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize("disable_avx2", ["0", "1"])
+@pytest.mark.parametrize("switched_off", [(), ("SPARSEQ_DISABLE_VNNI",), ("SPARSEQ_DISABLE_VNNI", "SPARSEQ_DISABLE_AVX2")],
+                         ids=["best", "no-vnni", "portable"])
 @pytest.mark.parametrize("act_qmax", [127, 63])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nonfinite_rows_give_nan_outputs(monkeypatch, device, disable_avx2, act_qmax, dtype):
-    monkeypatch.setenv("SPARSEQ_DISABLE_AVX2", disable_avx2)
+def test_nonfinite_rows_give_nan_outputs(monkeypatch, device, switched_off, act_qmax, dtype):
+    for switch in ("SPARSEQ_DISABLE_VNNI", "SPARSEQ_DISABLE_AVX2"):
+        monkeypatch.setenv(switch, "1" if switch in switched_off else "0")
     pw = _packed(20, 45, seed=3)
     pw = PackedInt8Weight(pw.packed.to(device), pw.scale.to(device), pw.rowsum.to(device), 45, 20)
     x = torch.randn(5, 45).to(dtype)

@@ -167,7 +167,7 @@ def test_a_qat_model_converts_to_what_it_trained(scheme, pow2_scales):
     x, y = toy_regression(0)
     trained = mlp(2)
     train(trained, x, y, steps=100, lr=1e-2)
-    # Defaults on both sides must agree (static: 8-bit; dynamic "auto": 7-bit on the CPU).
+    # Defaults on both sides must agree (static: 8-bit; dynamic "auto": the CPU core's full-rate bits).
     options = {"act_bits": 7} if scheme == "w8a8" else {}
     qat = prepare_qat(copy.deepcopy(trained), scheme, pow2_scales=pow2_scales, **options)
     train(qat, x, y, steps=20, lr=1e-3)

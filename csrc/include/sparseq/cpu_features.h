@@ -1,7 +1,7 @@
 #pragma once
 // Run-time CPU feature detection: kernels pick their AVX2 path only when the CPU has it, so a
 // wheel built anywhere runs everywhere. SPARSEQ_DISABLE_AVX2=1 forces the portable path
-// (tests use it to cover both).
+// (tests use it to cover every path).
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -24,6 +24,18 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
+// AVX-512 VNNI int8 GEMM core (int8_gemm_vnni.cpp): also needs the AVX2 helpers its epilogue
+// shares. SPARSEQ_DISABLE_VNNI=1 falls back to the AVX2 core (tests use it to cover both).
+inline bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has && cpu_has_avx2_fma() && !env_flag("SPARSEQ_DISABLE_VNNI");
+#else
+  return false;
+#endif
+}
+
 inline std::map<std::string, bool> cpu_features_dict() {
   std::map<std::string, bool> f;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -37,6 +49,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
 #endif
 #endif
   f["avx2_kernels_enabled"] = cpu_has_avx2_fma();
+  f["vnni_kernels_enabled"] = cpu_has_avx512_vnni();
   return f;
 }
 
