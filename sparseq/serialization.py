@@ -535,10 +535,20 @@ def _read_document(handle, path: str) -> Dict[str, Any]:
         raise SparseqFileError(path, f"the file has format version {version}, written by sparseq "
                                      f"{document.get('sparseq_version')}; this sparseq {_SPARSEQ_VERSION} "
                                      f"reads versions up to {FORMAT_VERSION}: upgrade sparseq")
-    listed = document.get("tensors")
-    if not isinstance(listed, dict) or set(listed) != set(handle.keys()):
+    for key, kind in _DOCUMENT_FIELDS.items():
+        if not isinstance(document.get(key), kind):
+            raise SparseqFileError(path, f"the sparseq metadata's {key!r} is missing or not a {kind.__name__}")
+    listed = document["tensors"]
+    if set(listed) != set(handle.keys()):
         raise SparseqFileError(path, "the tensors in the file are not the ones its sparseq metadata lists")
+    if not set(document["aliases"].values()) <= set(listed):
+        raise SparseqFileError(path, "the sparseq metadata has aliases of tensors the file does not hold")
     return document
+
+
+# What every version-1 document holds (save writes them all), by type.
+_DOCUMENT_FIELDS = {"architecture": dict, "training": dict, "layers": dict, "extra_states": dict,
+                    "tensors": dict, "aliases": dict, "non_persistent": list}
 
 
 @contextlib.contextmanager
@@ -795,9 +805,11 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
     tensors, so no dense weight is ever materialised; a model of any other class needs a
     skeleton. model=a skeleton (the dense architecture, freshly built): every sparseq layer in
     the file replaces the nn.Linear at its name, built empty from its recorded arguments, then
-    every tensor is loaded strictly (the skeleton's own tensors are replaced, not copied into);
-    the skeleton is modified in place and returned, or left as it was if anything fails.
+    every tensor is loaded strictly (the skeleton's own tensors are replaced, not copied into, so
+    dtypes are the file's; a skeleton on the meta device works); the skeleton is modified in
+    place and returned, or left as it was if anything fails.
     device: where the tensors go (default: the skeleton's device, else the CPU).
+    A recipe saved with the model is set as its ``sparseq_recipe``.
 
     Raises SparseqFileError (a ValueError) naming the file and the problem for a truncated or
     corrupted file, one without sparseq metadata, a newer format version, or a file that does

@@ -446,6 +446,11 @@ def test_newer_format_version(saved):
         inspect_file(saved)
 
 
+def test_metadata_without_a_field(saved):
+    rewrite(saved, lambda doc, tensors: doc.pop("layers"))
+    expect_file_error(saved, "metadata's 'layers' is missing")
+
+
 def test_tensor_whose_dtype_differs_from_the_metadata(saved):
     def retype(doc, tensors):
         tensors["0.w_scale"] = tensors["0.w_scale"].view(torch.int32)
@@ -506,6 +511,15 @@ def test_skeleton_with_extra_and_reshaped_tensors(saved):
     unchanged_after_failure(skeleton, saved, "size mismatch for 3.weight")
     skeleton = nn.Sequential(nn.Linear(48, 24), nn.ReLU(), nn.Identity(), nn.Linear(24, 8))
     unchanged_after_failure(skeleton, saved, "Unexpected key.*2.weight")
+
+
+def test_skeleton_on_the_meta_device(saved):
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(48, 24), nn.ReLU(), nn.LayerNorm(24), nn.Linear(24, 8))
+    sparseq.load(saved, skeleton)
+    assert all(t.device.type == "cpu" for t in skeleton.state_dict().values() if isinstance(t, torch.Tensor))
+    x = sample(3, 48)
+    assert torch.equal(skeleton.eval()(x), sparseq.load(saved)(x))
 
 
 def test_single_layer_saved_alone(tmp_path):
