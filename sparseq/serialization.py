@@ -609,7 +609,7 @@ def _restored_on_error(model: nn.Module):
         raise
 
 
-def _build_layer(name: str, record: Dict[str, Any], path: str) -> nn.Module:
+def _build_layer(record: Dict[str, Any], path: str) -> nn.Module:
     layer = _build_module(record["class"], _from_json(record["config"]), path)
     for attr, value in record.get("attributes", {}).items():
         if attr in _LAYER_ATTRIBUTES:
@@ -631,7 +631,7 @@ def _place_layers(model: nn.Module, records: Dict[str, Dict[str, Any]], path: st
         except AttributeError:
             raise SparseqFileError(path, f"the model has no module {name!r}, where the file has a "
                                          f"{record['class']}") from None
-        layer = _build_layer(name, record, path)
+        layer = _build_layer(record, path)
         if not (isinstance(target, nn.Linear) or type(target) is type(layer)):
             raise SparseqFileError(path, f"module {name!r} is a {type(target).__name__}; the file's "
                                          f"{record['class']} can only replace an nn.Linear (or the same class)")
@@ -787,7 +787,7 @@ def _rebuild_tree(node: Dict[str, Any], fqn: str, built: Dict[str, nn.Module],
     if "layer" in node:
         if fqn not in layers:
             raise SparseqFileError(path, f"the module tree has a sparseq layer at {fqn!r} but no record of it")
-        module = _build_layer(fqn, layers[fqn], path)
+        module = _build_layer(layers[fqn], path)
     else:
         module = _build_module(node["class"], _from_json(node["config"]), path)
         for name, child in node["children"]:
