@@ -36,5 +36,7 @@ from . import ops  # noqa: E402,F401
 from .formats import PackedInt8Weight  # noqa: E402,F401
 from .sparsify import sparsify_  # noqa: E402,F401
 from .compression import compress  # noqa: E402,F401
+from .serialization import inspect_file, load, save  # noqa: E402,F401
 
-__all__ = ["ops", "PackedInt8Weight", "sparsify_", "compress", "HAS_EXT", "__version__"]
+__all__ = ["ops", "PackedInt8Weight", "sparsify_", "compress", "save", "load", "inspect_file", "HAS_EXT",
+           "__version__"]

@@ -123,12 +123,16 @@ class SparseLinear(FrozenLinearBase):
         if format != "bsr" and block is not None:
             raise ValueError(f"block= only applies to format='bsr', not {format!r}")
         dtype = None if int8 else (weight.dtype if weight.dtype in FLOAT_VALUE_DTYPES else torch.float32)
+        # A meta weight is a placeholder without values (a layer built empty on the meta device,
+        # as sparseq.load does, for load_state_dict(assign=True) to fill): packing must read
+        # values, so pack an all-zero weight of its shape on the CPU and keep the buffers on meta.
+        source = torch.zeros(weight.shape, dtype=weight.dtype, device="cpu") if weight.is_meta else weight
         if format == "csr":
-            packed = SparseCSRWeight.pack(weight, dtype=dtype, int8=int8)
+            packed = SparseCSRWeight.pack(source, dtype=dtype, int8=int8)
         elif format == "2:4":
-            packed = Sparse24Weight.pack(weight, dtype=dtype, int8=int8)
+            packed = Sparse24Weight.pack(source, dtype=dtype, int8=int8)
         elif format == "bsr":
-            packed = BlockSparseWeight.pack(weight, tuple(block), dtype=dtype, int8=int8)
+            packed = BlockSparseWeight.pack(source, tuple(block), dtype=dtype, int8=int8)
         else:
             packed = None
         for name in _ALL_FORMAT_BUFFERS:
@@ -141,8 +145,8 @@ class SparseLinear(FrozenLinearBase):
             self.register_buffer("w_scale", None)
             return
         for name in _FORMAT_BUFFERS[format]:
-            self.register_buffer(name, getattr(packed, name))
-        self.register_buffer("w_scale", packed.scale)
+            self.register_buffer(name, getattr(packed, name).to(weight.device))
+        self.register_buffer("w_scale", None if packed.scale is None else packed.scale.to(weight.device))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "auto", block: Optional[tuple[int, int]] = None,
