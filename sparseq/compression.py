@@ -42,7 +42,7 @@ from .nn import SparseInt8Linear, SparseLinear, choose_format
 from .nn.sparse_linear import FormatChoice
 from .prune import Masks, magnitude, sparsegpt, structured, wanda
 from .prune.masks import layers_to_prune
-from .quant import calibrate, quantize_, smooth_quant
+from .quant import calibrate, quantize_, quantize_embeddings_, smooth_quant
 from .quant.quantize import KEEP_AS_LINEAR, quantizable_layers
 from .recipes import (PRESETS, TARGET_CLASSES, RecipeError, Step, check_inputs, load_recipe,
                       recipe_as_list)
@@ -336,6 +336,8 @@ class _Runner:
             layer_options = {key: options[key] for key in ("act_bits", "pow2_scales") if key in options}
             quantize_(model, options["scheme"], skip=options["skip"], skip_sensitive=options["skip_sensitive"],
                       min_sqnr_db=options["min_sqnr_db"], calib_data=self.calib_data, **layer_options)
+        if options is not None and options["embeddings"] is not None:
+            quantize_embeddings_(model, bits=options["embeddings"], skip=options["skip"])
         return "; ".join(notes + [_layer_summary(model)])
 
     def _sparse_plan(self, options: Optional[Dict[str, Any]]) -> Dict[str, Tuple[FormatChoice, bool, Optional[int]]]:

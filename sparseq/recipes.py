@@ -42,6 +42,8 @@ quantize       at most one, and the last step
   skip         fnmatch module-name patterns left in float [[]]
   skip_sensitive  also leave in float the k layers whose quantization hurts most [0]
   min_sqnr_db  also leave in float every layer below this output SQNR [null]
+  embeddings   null | 8 | 4: also store every nn.Embedding table as 8- or 4-bit codes
+               (sparseq.quant.quantize_embeddings_: smaller files, same speed) [null]
 
 Order rules: quantize comes last (nothing prunes or trains int8 layers); a structured prune step
 cannot follow an unstructured one (the earlier masks would no longer fit the shrunk layers).
@@ -236,6 +238,7 @@ _DISTILL_SPEC: _Spec = {
 _QUANTIZE_COMMON: _Spec = {
     "pow2_scales": (_boolean, False), "skip": (_names, []), "skip_sensitive": (_count(0), 0),
     "min_sqnr_db": (_number(-math.inf, math.inf, low_open=True, high_open=True, allow_none=True), None),
+    "embeddings": (_one_of(None, 8, 4), None),
 }
 _SMOOTHQUANT = {"smoothquant": (_number(0.0, 1.0, allow_none=True), None)}
 _QUANTIZE_SPECS: Dict[str, _Spec] = {

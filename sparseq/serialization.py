@@ -142,9 +142,11 @@ for _cls in (nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn
 register_rebuildable(nn.ModuleList, "torch.nn.ModuleList", ignore=("modules",))
 register_rebuildable(nn.ModuleDict, "torch.nn.ModuleDict", ignore=("modules",))
 register_rebuildable(nn.Embedding, "torch.nn.Embedding", ignore=("_weight", "_freeze"))
+# The sparseq layers: each replaces a dense module of its DENSE_CLASS (weight of dense_shape()).
+_SPARSEQ_LAYER_BASES = (FrozenLinearBase, sparseq_nn.QuantizedEmbedding)
 for _name in sparseq_nn.__all__:
     _cls = getattr(sparseq_nn, _name)
-    if isinstance(_cls, type) and issubclass(_cls, FrozenLinearBase):
+    if isinstance(_cls, type) and issubclass(_cls, _SPARSEQ_LAYER_BASES):
         register_rebuildable(_cls, f"sparseq.nn.{_name}")
 
 
@@ -216,7 +218,7 @@ def _build_module(class_name: str, config: Dict[str, Any], path: str) -> nn.Modu
 
 
 def _is_sparseq_layer(module: nn.Module) -> bool:
-    return isinstance(module, FrozenLinearBase) and type(module) in _CLASS_NAMES
+    return isinstance(module, _SPARSEQ_LAYER_BASES) and type(module) in _CLASS_NAMES
 
 
 def layer_format(layer: nn.Module) -> str:
@@ -233,6 +235,8 @@ def layer_format(layer: nn.Module) -> str:
         return f"int8 w8a8 (act_bits={layer.act_bits})"
     if isinstance(layer, sparseq_nn.Int8WeightOnlyLinear):
         return "int8 weight-only"
+    if isinstance(layer, sparseq_nn.QuantizedEmbedding):
+        return f"int{layer.bits} embedding (groups of {layer.group_size})"
     return type(layer).__name__
 
 
@@ -344,12 +348,10 @@ def _edits(model: nn.Module, reference: nn.Module, layer_names: set) -> Dict[str
         if _is_under(name, replaced) or _is_under(name, layer_names):
             continue
         ref = built.get(name)
-        if name in layer_names:  # load puts it in place of an nn.Linear of its features
-            features = (module.in_features, module.out_features)
-            if not (isinstance(ref, nn.Linear) and (ref.in_features, ref.out_features) == features):
-                replaced[name] = {"class": "torch.nn.Linear", "children": [], "config": _to_json(
-                    {"in_features": features[0], "out_features": features[1],
-                     "bias": module.bias is not None}, name)}
+        if name in layer_names:  # load puts it in place of the dense module it stands for
+            if not (isinstance(ref, module.DENSE_CLASS) and tuple(ref.weight.shape) == module.dense_shape()):
+                replaced[name] = {"class": f"torch.nn.{module.DENSE_CLASS.__name__}", "children": [],
+                                  "config": _to_json(_dense_config(module), name)}
             continue
         differs = ref is None or type(ref) is not type(module)
         if not differs and type(module) in _CLASS_NAMES:
@@ -388,6 +390,14 @@ def _check_rebuilt(model: nn.Module, rebuilt: nn.Module, layer_names: set) -> No
                                   f"the model has {expected.get(key)}")
 
 
+def _dense_config(layer: nn.Module) -> Dict[str, Any]:
+    """Constructor arguments of the dense module a sparseq layer stands for."""
+    if isinstance(layer, sparseq_nn.QuantizedEmbedding):
+        return {"num_embeddings": layer.num_embeddings, "embedding_dim": layer.embedding_dim,
+                "padding_idx": layer.padding_idx}
+    return {"in_features": layer.in_features, "out_features": layer.out_features, "bias": layer.bias is not None}
+
+
 def _module_tree(module: nn.Module, fqn: str, first_names: Dict[int, str]) -> Dict[str, Any]:
     if id(module) in first_names:
         return {"same_as": first_names[id(module)]}
@@ -422,7 +432,7 @@ def _layer_records(model: nn.Module, state: Dict[str, Any]) -> Dict[str, Dict[st
                            if isinstance(getattr(module, attr, None), str)},
             "extra_state": _to_json(extra, f"{name}'s extra state"),
             "format": layer_format(module),
-            "shape": [module.out_features, module.in_features],
+            "shape": list(module.dense_shape()),
             "bytes": sum(t.numel() * t.element_size() for t in _own_tensors(module).values()),
         }
     return records
@@ -632,13 +642,14 @@ def _place_layers(model: nn.Module, records: Dict[str, Dict[str, Any]], path: st
             raise SparseqFileError(path, f"the model has no module {name!r}, where the file has a "
                                          f"{record['class']}") from None
         layer = _build_layer(record, path)
-        if not (isinstance(target, nn.Linear) or type(target) is type(layer)):
+        dense = layer.DENSE_CLASS.__name__
+        if not (isinstance(target, layer.DENSE_CLASS) or type(target) is type(layer)):
             raise SparseqFileError(path, f"module {name!r} is a {type(target).__name__}; the file's "
-                                         f"{record['class']} can only replace an nn.Linear (or the same class)")
-        shapes = (getattr(target, "in_features", None), getattr(target, "out_features", None))
-        if shapes != (layer.in_features, layer.out_features):
-            raise SparseqFileError(path, f"module {name!r} has in/out features {shapes}, the file's "
-                                         f"layer {(layer.in_features, layer.out_features)}")
+                                         f"{record['class']} can only replace an nn.{dense} (or the same class)")
+        shape = target.dense_shape() if type(target) is type(layer) else tuple(target.weight.shape)
+        if shape != layer.dense_shape():
+            raise SparseqFileError(path, f"module {name!r} has an nn.{dense} weight of shape {shape}, the file's "
+                                         f"layer stands for {layer.dense_shape()}")
         layer.train(target.training)
         built[name] = layer
     for name, record in records.items():

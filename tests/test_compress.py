@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 import sparseq
-from sparseq.nn import Int8Linear
+from sparseq.nn import Int8Linear, QuantizedEmbedding
 from sparseq.recipes import PRESETS, RecipeError, load_recipe, recipe_as_list
 
 import sparseq.compression as compress_module
@@ -221,6 +221,18 @@ def test_static_int8_with_smoothquant_on_bert():
     assert model.sparseq_report.lines[0][1].startswith("SmoothQuant smoothed")
     with torch.no_grad():
         assert cosine(model(**batches[0]).last_hidden_state, reference) > 0.99
+
+
+def test_quantize_step_also_quantizes_the_embedding_tables():
+    model, batches = make_bert(), bert_batches()
+    with torch.no_grad():
+        reference = model(**batches[0]).last_hidden_state
+    sparseq.compress(model, [{"quantize": {"scheme": "w8a8", "embeddings": 4}}])
+    tables = [m for m in model.modules() if isinstance(m, (nn.Embedding, QuantizedEmbedding))]
+    assert tables and all(isinstance(m, QuantizedEmbedding) and m.bits == 4 for m in tables)
+    assert model.sparseq_recipe[0]["quantize"]["embeddings"] == 4
+    with torch.no_grad():
+        assert cosine(model(**batches[0]).last_hidden_state, reference) > 0.95
 
 
 def test_structured_then_int8_quantizes_the_smaller_layers():

@@ -30,6 +30,13 @@ class FrozenLinearBase(nn.Module):
         self.out_features = out_features
         self.backend = backend
 
+    # The dense module a layer of this kind replaces (sparseq.load puts one in its place).
+    DENSE_CLASS = nn.Linear
+
+    def dense_shape(self) -> tuple:
+        """The shape of the nn.Linear weight this layer stands for."""
+        return (self.out_features, self.in_features)
+
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

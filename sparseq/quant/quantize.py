@@ -6,7 +6,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch.nn as nn
 
 from ..convert import FilterFn, swap_modules
-from ..nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear
+from ..nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, QuantizedEmbedding
 
 SCHEMES = {
     "w8a8": Int8Linear,  # int8 weights, activations quantized per row at run time
@@ -86,5 +86,35 @@ def quantize_(model: nn.Module, scheme: str = "w8a8", filter_fn: Optional[Filter
             replacements[id(module)] = layer_cls.from_dense(module, **layer_kwargs)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"quantize_({scheme!r}): layer {name!r}: {exc}") from exc
+    swap_modules(model, lambda module, fqn: replacements.get(id(module)), filter_fn=filter_fn, skip=skip)
+    return model
+
+
+def quantize_embeddings_(model: nn.Module, bits: int = 8, group_size: Optional[int] = None,
+                         filter_fn: Optional[FilterFn] = None, skip: Iterable[str] = ()) -> nn.Module:
+    """Replace every nn.Embedding inside ``model`` with a QuantizedEmbedding (``bits`` 8 or 4,
+    ``group_size`` values per scale; defaults: a whole row for 8 bits, 32 for 4), in place;
+    return ``model``. Lookups read only their rows, so this costs no speed: it shrinks the model
+    (a transformer's token table is often its largest tensor). filter_fn and skip choose layers
+    as in quantize_. Every replacement is built before the first swap, so an error leaves the
+    model untouched. A table shared with an output Linear (tied weights) is quantized for the
+    lookups only; the Linear keeps the float table (or quantize_ quantizes it on its own).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_embeddings_ expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Embedding):
+        raise ValueError("quantize_embeddings_ swaps submodules in place and cannot replace the model itself; "
+                         "use QuantizedEmbedding.from_dense(embedding) for a single table")
+    replacements: Dict[int, nn.Module] = {}
+
+    def build(module: nn.Module, fqn: str) -> None:
+        if type(module) is nn.Embedding and id(module) not in replacements:
+            try:
+                replacements[id(module)] = QuantizedEmbedding.from_dense(module, bits=bits, group_size=group_size)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"quantize_embeddings_: embedding {fqn!r}: {exc}") from exc
+        return None
+
+    swap_modules(model, build, filter_fn=filter_fn, skip=skip)
     swap_modules(model, lambda module, fqn: replacements.get(id(module)), filter_fn=filter_fn, skip=skip)
     return model
