@@ -29,9 +29,10 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 
 build: $(EXT_STAMP)
 
+# The main job: MiniLM compressed with several recipes, one table (see sparseq/demo.py).
 demo: build
 	$(VENV)/bin/sparseq info
-	$(VENV)/bin/sparseq bench int8 --quick --json build/demo-int8.json
+	$(VPY) -m sparseq.demo --json build/demo.json
 
 # The whole suite with the compiled kernels, then again on the pure-PyTorch reference path.
 test: build
