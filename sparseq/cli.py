@@ -240,6 +240,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     load_recipe(args.recipe)  # an unknown preset or a bad YAML file fails before any loading
     out = _output_path(args.out, "--out")
+    for option, given in (("MODEL", args.model), ("--calib", args.calib), ("--train", args.train),
+                          ("--recipe", args.recipe), ("--json", args.json)):
+        if given and os.path.exists(out) and os.path.exists(given) and os.path.samefile(out, given):
+            raise ValueError(f"--out {out} is the {option} file: writing it would destroy it")
     if args.json:
         _output_path(args.json, "--json")
     show = not args.no_progress

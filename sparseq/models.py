@@ -259,6 +259,9 @@ def _tokenized_lines(path: str, loaded: LoadedModel, batch_size: int, seq_len: i
     if not texts:
         raise InputError(f"{what}: {path} has no text (one text per line expected)")
     tokenizer = load_tokenizer(loaded)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Decoder tokenizers (GPT-2, Llama) have no pad token; the attention mask hides the padding.
+        tokenizer.pad_token = tokenizer.eos_token
     from tqdm.auto import tqdm
 
     batches = []

@@ -389,6 +389,11 @@ def test_compress_rejects_bad_input(mlp_files, demo_compressed, tmp_path, capsys
     assert_input_error(compress + ["2:4", "--calib", not_a_tensor], capsys, "holds a list")
     assert_input_error(["compress", model_path, "--recipe", "w8a8", "--out", tmp_path], capsys, "is a folder")
     assert not out.exists()
+    before = model_path.read_bytes()
+    assert_input_error(["compress", model_path, "--recipe", "w8a8", "--out", model_path], capsys,
+                       "is the MODEL file")
+    assert_input_error(compress + ["2:4", "--calib", calib_path, "--out", calib_path], capsys, "is the --calib file")
+    assert model_path.read_bytes() == before
 
 
 # -- a transformers model folder ------------------------------------------------------------------
