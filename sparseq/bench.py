@@ -349,3 +349,49 @@ def format_table(rows: Iterable[dict]) -> str:
         previous = (r["M"], r["K"], r["N"])
         out.append(fmt(line))
     return "\n".join(out)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("the PNG plot needs matplotlib (pip install matplotlib)") from exc
+    return plt
+
+
+def plot_speedup(result: dict, path: str) -> None:
+    """PNG: speedup over fp32 nn.Linear against M (log scale), one line per sparseq
+    implementation and torch baseline, one panel per (K, N) weight."""
+    plt = pyplot()
+    rows = [r for r in result["rows"] if r["impl"] != FP32 and _speedup_key(FP32) in r]
+    if not rows:
+        raise ValueError("no timings beside fp32 to plot")
+    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda kn: -kn[0] * kn[1])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
+    for ax, (k, n) in zip(axes[0], shapes):
+        for impl, backend in dict.fromkeys((r["impl"], r["backend"]) for r in rows):
+            points = sorted((r["M"], r[_speedup_key(FP32)]) for r in rows
+                            if (r["K"], r["N"], r["impl"], r["backend"]) == (k, n, impl, backend))
+            style = "--" if backend == "torch" else "-o"
+            label = impl if backend in ("torch", "cpu", "cuda") else f"{impl} [{backend}]"
+            ax.plot(*zip(*points), style, label=label)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        m_values = sorted({r["M"] for r in rows})
+        ax.set_xticks(m_values, [str(m) for m in m_values])
+        ax.minorticks_off()
+        ax.set_title(f"K={k}, N={n}")
+        ax.set_xlabel("M (rows of the input)")
+        ax.set_ylabel("speedup over fp32 nn.Linear")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    machine, settings = result["machine"], result["settings"]
+    fig.suptitle(f"sparseq int8 linear, {machine.get('gpu') or machine.get('cpu_model')}, "
+                 f"{settings['threads']} threads, {settings['weights']} weights", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

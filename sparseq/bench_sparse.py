@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .bench import _num_threads, _torch_dynamic_int8, machine_info, median_ms, time_interleaved
+from .bench import _num_threads, _torch_dynamic_int8, machine_info, median_ms, pyplot, time_interleaved
 from .nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 PATTERNS = ("unstructured", "2:4", "block")
@@ -209,13 +209,7 @@ def format_table(rows: Sequence[dict]) -> str:
 def plot_speedup(result: dict, path: str) -> None:
     """PNG: speedup of SparseLinear over dense fp32 against sparsity, one line per (pattern, M),
     one panel per weight shape. Needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("the PNG plot needs matplotlib (pip install matplotlib)") from exc
+    plt = pyplot()
     rows = [r for r in result["rows"] if f"{SPARSE}_vs_{FP32}" in r]
     if not rows:
         raise ValueError("no SparseLinear timings to plot (were the sparseq columns skipped?)")
