@@ -11,9 +11,11 @@ TORCH_LIBRARY(sparseq, m) {
   // round half to even of x * (act_qmax / absmax)), multiplied with the n16k4-packed int8 weight,
   // then out = acc * (x_scale[m] * w_scale[n]) + bias[n], in x's dtype.
   // w_rowsum[n] = sum_k w[n,k] (int32) lets kernels that offset activations to unsigned correct.
+  // activation "gelu" applies GELU (the erf form) to out in fp32 before the cast, in the epilogue
+  // (to within 3e-7 * |out| of torch's; "none": nothing).
   m.def(
       "int8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor w_rowsum, Tensor? bias, "
-      "int act_qmax) -> Tensor");
+      "int act_qmax, str activation=\"none\") -> Tensor");
   // W8A8 static linear: as int8_linear, but every row is quantized with the one calibrated scale
   // s = x_scale[0] (fp32 [1], read on the device: no host sync). In fp32, IEEE round to nearest:
   //   inv = 1.0f / s;  q = clamp(round_half_even(x * inv), -act_qmax, act_qmax)
@@ -22,7 +24,7 @@ TORCH_LIBRARY(sparseq, m) {
   // every row when s is not positive and finite or 1/s overflows (see _ref.quantize_static).
   m.def(
       "int8_linear_static(Tensor x, Tensor x_scale, Tensor w_packed, Tensor w_scale, Tensor w_rowsum, "
-      "Tensor? bias, int act_qmax) -> Tensor");
+      "Tensor? bias, int act_qmax, str activation=\"none\") -> Tensor");
   // Weight-only int8 linear: x float [M,K] times the dequantized n16k4-packed weight
   // (w[n,k] * w_scale[n]) plus bias, in x's dtype.
   m.def(

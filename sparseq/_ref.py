@@ -7,6 +7,7 @@ as the kernels (fp32 accumulation of exact int32 sums, then scales, then bias).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 PACK_N = 16
 PACK_K = 4
@@ -88,30 +89,44 @@ def quantize_static(x: torch.Tensor, x_scale: torch.Tensor, qmax: int) -> tuple[
     return _quantize_rows(xf, inv, scale, finite, qmax)
 
 
+FUSED_ACTIVATIONS = ("none", "gelu")
+
+
+def check_fused_activation(activation: str) -> None:
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f'activation must be "none" or "gelu", got {activation!r}')
+
+
 def dequant_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, activation: str = "none") -> torch.Tensor:
     out = acc.float() * (x_scale[:, None] * w_scale[None, :])
     if bias is not None:
         out = out + bias.float()
+    if activation == "gelu":
+        out = F.gelu(out)
     return out.to(out_dtype)
 
 
 def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-                w_rowsum: torch.Tensor, bias: torch.Tensor | None, act_qmax: int) -> torch.Tensor:
+                w_rowsum: torch.Tensor, bias: torch.Tensor | None, act_qmax: int,
+                activation: str = "none") -> torch.Tensor:
     """W8A8 dynamic linear on an n16k4-packed weight; see csrc/ops.cpp for the contract."""
+    check_fused_activation(activation)
     n, k = w_scale.shape[0], x.shape[1]
     q, x_scale = quantize_per_row(x, act_qmax)
     acc = int8_gemm(q, unpack_n16k4(w_packed, n, k))
-    return dequant_epilogue(acc, x_scale, w_scale, bias, x.dtype)
+    return dequant_epilogue(acc, x_scale, w_scale, bias, x.dtype, activation)
 
 
 def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-                       w_rowsum: torch.Tensor, bias: torch.Tensor | None, act_qmax: int) -> torch.Tensor:
+                       w_rowsum: torch.Tensor, bias: torch.Tensor | None, act_qmax: int,
+                       activation: str = "none") -> torch.Tensor:
     """W8A8 static linear (one calibrated activation scale); see csrc/ops.cpp for the contract."""
+    check_fused_activation(activation)
     n, k = w_scale.shape[0], x.shape[1]
     q, row_scale = quantize_static(x, x_scale, act_qmax)
     acc = int8_gemm(q, unpack_n16k4(w_packed, n, k))
-    return dequant_epilogue(acc, row_scale, w_scale, bias, x.dtype)
+    return dequant_epilogue(acc, row_scale, w_scale, bias, x.dtype, activation)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,

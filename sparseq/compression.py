@@ -38,11 +38,12 @@ import torch.nn as nn
 from .calib import all_or_nothing
 from .convert import name_matches, swap_modules
 from .distill import Distiller
-from .nn import SparseInt8Linear, SparseLinear, choose_format
+from .nn import QuantizedEmbedding, SparseInt8Linear, SparseLinear, choose_format
+from .nn._frozen import FrozenLinearBase
 from .nn.sparse_linear import FormatChoice
 from .prune import Masks, magnitude, sparsegpt, structured, wanda
 from .prune.masks import layers_to_prune
-from .quant import calibrate, quantize_, quantize_embeddings_, smooth_quant
+from .quant import calibrate, fuse_gelu_, quantize_, quantize_embeddings_, smooth_quant
 from .quant.quantize import KEEP_AS_LINEAR, quantizable_layers
 from .recipes import (PRESETS, TARGET_CLASSES, RecipeError, Step, check_inputs, load_recipe,
                       recipe_as_list)
@@ -336,6 +337,10 @@ class _Runner:
             layer_options = {key: options[key] for key in ("act_bits", "pow2_scales") if key in options}
             quantize_(model, options["scheme"], skip=options["skip"], skip_sensitive=options["skip_sensitive"],
                       min_sqnr_db=options["min_sqnr_db"], calib_data=self.calib_data, **layer_options)
+        if options is not None and options.get("fuse_gelu"):
+            fused = fuse_gelu_(model)
+            if fused:
+                notes.append(f"GELU fused into {len(fused)} int8 layers")
         if options is not None and options["embeddings"] is not None:
             quantize_embeddings_(model, bits=options["embeddings"], skip=options["skip"])
         return "; ".join(notes + [_layer_summary(model)])
@@ -374,7 +379,7 @@ def _layer_summary(model: nn.Module) -> str:
     for module in model.modules():
         if isinstance(module, SparseLinear):
             counts[f"{type(module).__name__}[{module.format}]"] += 1
-        elif isinstance(module, nn.Linear) or type(module).__module__.startswith("sparseq.nn"):
+        elif isinstance(module, (nn.Linear, FrozenLinearBase, QuantizedEmbedding)):
             counts[type(module).__name__] += 1
     return ", ".join(f"{name} x{count}" for name, count in counts.most_common()) or "no linear layers"
 

@@ -149,43 +149,49 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, *, backend: Optional[str] = None
 
 def int8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                 w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127,
-                *, in_features: Optional[int] = None, backend: Optional[str] = None,
+                activation: str = "none", *, in_features: Optional[int] = None, backend: Optional[str] = None,
                 weight_checked: bool = False) -> torch.Tensor:
     """W8A8 dynamic linear: per-row symmetric activation quantization to [-act_qmax, act_qmax],
     int8 GEMM with the n16k4-packed weight, dequantization and bias, fused. x is [M, K];
     pass in_features to have K checked exactly (the packed shape only knows ceil(K/4)).
+    activation="gelu" applies GELU (erf form) to the output inside the kernel's epilogue (the
+    CPU and CUDA kernels; the Triton one applies it after its matmul).
     weight_checked=True: see the module docstring."""
     _check_activation(x, in_features)
     if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
-        return torch.ops.sparseq.int8_linear.default(x.contiguous(), w_packed, w_scale, w_rowsum, bias, act_qmax)
+        return torch.ops.sparseq.int8_linear.default(x.contiguous(), w_packed, w_scale, w_rowsum, bias, act_qmax,
+                                                     activation)
     _check_packed(x, w_packed, w_scale, bias)
     if act_qmax not in (63, 127):
         raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
+    _ref.check_fused_activation(activation)
     which = _resolve_backend(backend, x.device)
     if which == "ext":
         return torch.ops.sparseq.int8_linear(x.contiguous(), w_packed.contiguous(), w_scale.contiguous(),
-                                             w_rowsum.contiguous(), _contiguous_or_none(bias), act_qmax)
+                                             w_rowsum.contiguous(), _contiguous_or_none(bias), act_qmax, activation)
     if which == "triton":
         from .triton import int8_matmul
 
-        return int8_matmul.int8_linear(x.contiguous(), w_packed, w_scale, bias, act_qmax)
-    return _ref.int8_linear(x, w_packed, w_scale, w_rowsum, bias, act_qmax)
+        out = int8_matmul.int8_linear(x.contiguous(), w_packed, w_scale, bias, act_qmax)
+        return out if activation == "none" else torch.nn.functional.gelu(out.float()).to(out.dtype)
+    return _ref.int8_linear(x, w_packed, w_scale, w_rowsum, bias, act_qmax, activation)
 
 
 def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-                       w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127, *,
-                       in_features: Optional[int] = None, backend: Optional[str] = None,
-                       weight_checked: bool = False) -> torch.Tensor:
+                       w_rowsum: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127,
+                       activation: str = "none", *, in_features: Optional[int] = None,
+                       backend: Optional[str] = None, weight_checked: bool = False) -> torch.Tensor:
     """W8A8 static linear: every row of x [M, K] quantized with the one calibrated activation
     scale s = x_scale[0] (x_scale: float32 [1] on x's device, so no host sync),
     q = clamp(round_half_even(x * (1/s)), -act_qmax, act_qmax), then int8_linear's GEMM,
     dequantization and bias. Rows holding NaN/Inf, and all rows when s is not a usable positive
-    finite scale, give NaN outputs. Pass in_features to have K checked exactly.
+    finite scale, give NaN outputs. Pass in_features to have K checked exactly. activation as
+    for int8_linear.
     weight_checked=True: see the module docstring (x_scale counts as a weight tensor)."""
     _check_activation(x, in_features)
     if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
         return torch.ops.sparseq.int8_linear_static.default(x.contiguous(), x_scale, w_packed, w_scale, w_rowsum,
-                                                            bias, act_qmax)
+                                                            bias, act_qmax, activation)
     _check_packed(x, w_packed, w_scale, bias)
     if (not isinstance(x_scale, torch.Tensor) or x_scale.dtype != torch.float32
             or tuple(x_scale.shape) != (1,)):
@@ -195,14 +201,15 @@ def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.T
         raise ValueError(f"x_scale is on {x_scale.device} but x is on {x.device}")
     if act_qmax not in (63, 127):
         raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
+    _ref.check_fused_activation(activation)
     which = _resolve_backend(backend, x.device)
     if which == "ext":
         return torch.ops.sparseq.int8_linear_static(x.contiguous(), x_scale, w_packed.contiguous(),
                                                     w_scale.contiguous(), w_rowsum.contiguous(),
-                                                    _contiguous_or_none(bias), act_qmax)
+                                                    _contiguous_or_none(bias), act_qmax, activation)
     if which == "triton":
         raise ValueError("int8_linear_static has no Triton kernel; use backend='auto', 'cpu' or 'cuda'")
-    return _ref.int8_linear_static(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax)
+    return _ref.int8_linear_static(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax, activation)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
@@ -417,12 +424,12 @@ if HAS_EXT:
         return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
     @torch.library.register_fake("sparseq::int8_linear")
-    def _int8_linear_fake(x, w_packed, w_scale, w_rowsum, bias, act_qmax):
+    def _int8_linear_fake(x, w_packed, w_scale, w_rowsum, bias, act_qmax, activation="none"):
         _same_device_as_x(x, w_packed, w_scale, w_rowsum, bias)
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     @torch.library.register_fake("sparseq::int8_linear_static")
-    def _int8_linear_static_fake(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax):
+    def _int8_linear_static_fake(x, x_scale, w_packed, w_scale, w_rowsum, bias, act_qmax, activation="none"):
         _same_device_as_x(x, x_scale, w_packed, w_scale, w_rowsum, bias)
         return x.new_empty((x.shape[0], w_scale.shape[0]))
 

@@ -42,6 +42,8 @@ quantize       at most one, and the last step
   skip         fnmatch module-name patterns left in float [[]]
   skip_sensitive  also leave in float the k layers whose quantization hurts most [0]
   min_sqnr_db  also leave in float every layer below this output SQNR [null]
+  fuse_gelu    w8a8, w8a8_static: fold each GELU right after an int8 layer into its kernel
+               (sparseq.quant.fuse_gelu_) [true]
   embeddings   null | 8 | 4: also store every nn.Embedding table as 8- or 4-bit codes
                (sparseq.quant.quantize_embeddings_: smaller files, same speed) [null]
 
@@ -241,9 +243,10 @@ _QUANTIZE_COMMON: _Spec = {
     "embeddings": (_one_of(None, 8, 4), None),
 }
 _SMOOTHQUANT = {"smoothquant": (_number(0.0, 1.0, allow_none=True), None)}
+_FUSE_GELU = {"fuse_gelu": (_boolean, True)}
 _QUANTIZE_SPECS: Dict[str, _Spec] = {
-    "w8a8": {"act_bits": (_one_of("auto", 7, 8), "auto"), **_SMOOTHQUANT, **_QUANTIZE_COMMON},
-    "w8a8_static": {"act_bits": (_one_of(7, 8), 8), **_SMOOTHQUANT,
+    "w8a8": {"act_bits": (_one_of("auto", 7, 8), "auto"), **_SMOOTHQUANT, **_FUSE_GELU, **_QUANTIZE_COMMON},
+    "w8a8_static": {"act_bits": (_one_of(7, 8), 8), **_SMOOTHQUANT, **_FUSE_GELU,
                     "observer": (_one_of(*sorted(OBSERVERS)), "minmax"), **_QUANTIZE_COMMON},
     "w8a16": dict(_QUANTIZE_COMMON),
 }
@@ -255,6 +258,7 @@ _WHY_NOT = {
     "smoothquant": "weight-only int8 keeps activations in float: there are no activation outliers to move",
     "act_bits": "weight-only int8 keeps activations in float",
     "observer": "only w8a8_static calibrates activation ranges",
+    "fuse_gelu": "only the W8A8 kernels fuse an activation into their epilogue",
 }
 
 

@@ -142,6 +142,7 @@ for _cls in (nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn
 register_rebuildable(nn.ModuleList, "torch.nn.ModuleList", ignore=("modules",))
 register_rebuildable(nn.ModuleDict, "torch.nn.ModuleDict", ignore=("modules",))
 register_rebuildable(nn.Embedding, "torch.nn.Embedding", ignore=("_weight", "_freeze"))
+register_rebuildable(sparseq_nn.FusedActivation, "sparseq.nn.FusedActivation")
 # The sparseq layers: each replaces a dense module of its DENSE_CLASS (weight of dense_shape()).
 _SPARSEQ_LAYER_BASES = (FrozenLinearBase, sparseq_nn.QuantizedEmbedding)
 for _name in sparseq_nn.__all__:
@@ -494,6 +495,10 @@ def save(model: nn.Module, path: str | os.PathLike, recipe: Any = None) -> None:
                      "flipped": [name for name, module in model.named_modules()
                                  if module.training != model.training]},
         "layers": records,
+        # Activations folded into the layer before them (sparseq.quant.fuse_gelu_): a skeleton
+        # gets the same fusion on load, or its activation would run twice.
+        "fused_activations": [name for name, module in model.named_modules()
+                              if isinstance(module, sparseq_nn.FusedActivation)],
         "extra_states": extra_states,
         "tensors": {key: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
                           "sha256": _sha256(t)} for key, t in stored.items()},
@@ -659,6 +664,24 @@ def _place_layers(model: nn.Module, records: Dict[str, Dict[str, Any]], path: st
                                          "which the file does not hold")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+
+
+def _fuse_activations(model: nn.Module, names: List[str], path: str) -> None:
+    """In a skeleton, the exact GELU at each name the file's model had fused becomes a
+    FusedActivation, as sparseq.quant.fuse_gelu_ made it."""
+    from .quant.quantize import is_exact_gelu
+
+    if not (isinstance(names, list) and all(isinstance(name, str) and name for name in names)):
+        raise SparseqFileError(path, "the sparseq metadata's 'fused_activations' is not a list of module names")
+    for name in names:
+        target = _submodule(model, name, path)
+        if isinstance(target, sparseq_nn.FusedActivation):
+            continue
+        if not is_exact_gelu(target):
+            raise SparseqFileError(path, f"the file's layer before {name!r} applies GELU in its kernel, but the "
+                                         f"model has a {type(target).__name__} at {name!r}, not a GELU")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, sparseq_nn.FusedActivation("gelu"))
 
 
 def _state_dict_from_file(document: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -841,6 +864,7 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None,
     else:
         with _restored_on_error(model):
             _place_layers(model, document["layers"], path)
+            _fuse_activations(model, document.get("fused_activations", []), path)
             _load_tensors(model, document, tensors, path)
     if document["recipe"] is not None:
         model.sparseq_recipe = _from_json(document["recipe"])

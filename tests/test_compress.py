@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 import sparseq
-from sparseq.nn import Int8Linear, QuantizedEmbedding
+from sparseq.nn import FusedActivation, Int8Linear, QuantizedEmbedding
+from sparseq.nn._frozen import FrozenLinearBase
 from sparseq.recipes import PRESETS, RecipeError, load_recipe, recipe_as_list
 
 import sparseq.compression as compress_module
@@ -46,7 +47,7 @@ def bert_batches(count=4, seed=1):
 def linear_layers(model):
     """name -> module for every nn.Linear and sparseq layer (outermost only)."""
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) or type(module).__module__.startswith("sparseq.nn")}
+            if isinstance(module, (nn.Linear, FrozenLinearBase))}
 
 
 def kinds(model):
@@ -233,6 +234,21 @@ def test_quantize_step_also_quantizes_the_embedding_tables():
     assert model.sparseq_recipe[0]["quantize"]["embeddings"] == 4
     with torch.no_grad():
         assert cosine(model(**batches[0]).last_hidden_state, reference) > 0.95
+
+
+def test_w8a8_fuses_the_ffn_gelu_unless_asked_not_to():
+    model, batches = make_bert(), bert_batches()
+    with torch.no_grad():
+        reference = model(**batches[0]).last_hidden_state
+    sparseq.compress(model, "w8a8")
+    intermediate = model.encoder.layer[0].intermediate
+    assert intermediate.dense.activation == "gelu" and isinstance(intermediate.intermediate_act_fn, FusedActivation)
+    assert "GELU fused into 2 int8 layers" in model.sparseq_report.lines[0][1]
+    with torch.no_grad():
+        assert cosine(model(**batches[0]).last_hidden_state, reference) > 0.99
+    unfused = sparseq.compress(make_bert(), [{"quantize": {"scheme": "w8a8", "fuse_gelu": False}}])
+    assert unfused.encoder.layer[0].intermediate.dense.activation == "none"
+    assert not isinstance(unfused.encoder.layer[0].intermediate.intermediate_act_fn, FusedActivation)
 
 
 def test_structured_then_int8_quantizes_the_smaller_layers():

@@ -46,9 +46,9 @@ def test_list_recipe_fills_defaults_and_round_trips_as_json():
                    "max_batches": None, "sequential": True}},
         {"distill": {"epochs": None, "steps": 3, "lr": 1e-4, "temperature": 4.0, "alpha": 0.5,
                      "features": {"encoder": "encoder"}}},
-        {"quantize": {"scheme": "w8a8_static", "act_bits": 8, "smoothquant": 0.5, "observer": "minmax",
-                      "pow2_scales": False, "skip": [], "skip_sensitive": 0, "min_sqnr_db": None,
-                      "embeddings": None}}]
+        {"quantize": {"scheme": "w8a8_static", "act_bits": 8, "smoothquant": 0.5, "fuse_gelu": True,
+                      "observer": "minmax", "pow2_scales": False, "skip": [], "skip_sensitive": 0,
+                      "min_sqnr_db": None, "embeddings": None}}]
     assert json.loads(json.dumps(normalised)) == normalised
     assert recipe_as_list(load_recipe(normalised)) == normalised  # the normalised form reads back as itself
     for name in PRESETS:
@@ -166,6 +166,7 @@ REJECTED = [
     ([{"quantize": {"smoothquant": "yes"}}], r"key 'smoothquant': expected a number in \[0, 1\] or null"),
     ([{"quantize": {"pow2_scales": 1}}], r"key 'pow2_scales': expected true or false"),
     ([{"quantize": {"embeddings": 6}}], r"key 'embeddings': 6 is not one of None, 8, 4"),
+    ([{"quantize": {"scheme": "w8a16", "fuse_gelu": True}}], r"key 'fuse_gelu' .*only the W8A8 kernels fuse"),
     ([{"quantize": {"skip_sensitive": -1}}], r"key 'skip_sensitive': expected an integer >= 0"),
     ([{"quantize": {"scheme": "w8a8"}}, {"quantize": {"scheme": "w8a16"}}],
      r"step 2 \(quantize, scheme 'w8a16'\): comes after the quantize step 1; quantize must be the last step"),

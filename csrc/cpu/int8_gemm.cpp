@@ -64,6 +64,7 @@ bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, i
         }
         float out = static_cast<float>(static_cast<int32_t>(corrected)) * (p.x_scale[m] * p.w_scale[n]);
         if (p.bias != nullptr) out += p.bias[n];
+        if (p.gelu) out = gelu_erf(out);
         store_float_as(p.c_out, p.out_type, m * p.ldc + n, out);
       }
     }

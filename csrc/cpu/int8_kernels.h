@@ -35,6 +35,7 @@ struct GemmProblem {
   const float* x_scale = nullptr;
   const float* w_scale = nullptr;
   const float* bias = nullptr;  // may be nullptr
+  bool gelu = false;  // float output only: out = GELU(out) (gelu_erf below) before the store
   // Sign-trick path only: set when w holds -128 (sign(a) * -128 wraps), which makes the result
   // inexact; the caller then recomputes with the portable kernel.
   bool check_w_min = false;
@@ -86,6 +87,24 @@ void quantize_rows_avx2(const void* x, OutType x_type, int64_t k, int64_t m_begi
 inline float static_inverse_scale(float s) {
   const float inv = 1.0f / s;
   return s > 0.0f && s <= 3.4028234663852886e38f && inv <= 3.4028234663852886e38f ? inv : 0.0f;
+}
+
+// GELU in its erf form, x * (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz & Stegun 7.1.28
+// (|error| <= 3e-7, no exp): erf(z) = 1 - 1 / (1 + a1 z + ... + a6 z^6)^16 for z >= 0, odd.
+// The scalar form of the vector epilogue's (which fuses the multiply-adds).
+constexpr float kGeluErfCoeffs[6] = {0.0705230784f, 0.0422820123f, 0.0092705272f,
+                                     0.0001520143f, 0.0002765672f, 0.0000430638f};
+inline float gelu_erf(float x) {
+  const float z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
+  float poly = kGeluErfCoeffs[5];
+  for (int i = 4; i >= 0; --i) poly = poly * z + kGeluErfCoeffs[i];
+  poly = poly * z + 1.0f;
+  float p = poly * poly;  // ^2
+  p = p * p;              // ^4
+  p = p * p;              // ^8
+  p = p * p;              // ^16
+  const float erf_abs = 1.0f - 1.0f / p;
+  return 0.5f * x * (1.0f + (x < 0.0f ? -erf_abs : erf_abs));
 }
 
 // Weight-only linear: out[m, n] = sum_k x[m, k] * (w[n, k] * w_scale[n]) + bias[n].

@@ -101,7 +101,8 @@ namespace {
 // static_scale: nullptr for per-row (dynamic) activation scales, else the one calibrated scale.
 at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                             const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax,
-                            const float* static_scale) {
+                            c10::string_view activation, const float* static_scale) {
+  const bool gelu = parse_fused_activation(activation);
   check_float_activation(x);
   const int64_t n = check_packed_weight(x, w_packed, w_scale, bias);
   TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.dim() == 1 && w_rowsum.size(0) == n &&
@@ -147,6 +148,7 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, con
   p.x_scale = scale_ptr;
   p.w_scale = w_scale.const_data_ptr<float>();
   p.bias = float_ptr_or_null(bias_f32);
+  p.gelu = gelu;
   p.check_w_min = !offset_form;
   if (!run_gemm(p, kernel)) {
     // A weight of -128 (PackedInt8Weight never makes one) breaks the sign trick; redo exactly.
@@ -158,15 +160,18 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, con
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                           const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
-  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, nullptr);
+                           const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax,
+                           c10::string_view activation) {
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, activation, nullptr);
 }
 
 at::Tensor int8_linear_static_cpu(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_packed,
                                   const at::Tensor& w_scale, const at::Tensor& w_rowsum,
-                                  const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+                                  const c10::optional<at::Tensor>& bias, int64_t act_qmax,
+                                  c10::string_view activation) {
   check_static_act_scale(x, x_scale);
-  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, x_scale.const_data_ptr<float>());
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, activation,
+                          x_scale.const_data_ptr<float>());
 }
 
 }  // namespace

@@ -19,7 +19,8 @@ namespace {
 // static_scale: nullptr for per-row (dynamic) activation scales, else int8_linear_static's x_scale.
 at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                             const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax,
-                            const at::Tensor* static_scale) {
+                            c10::string_view activation, const at::Tensor* static_scale) {
+  const bool gelu = parse_fused_activation(activation);
   check_float_activation(x);
   const int64_t n = check_packed_weight(x, w_packed, w_scale, bias);
   TORCH_CHECK(w_rowsum.scalar_type() == at::kInt && w_rowsum.dim() == 1 && w_rowsum.size(0) == n,
@@ -62,23 +63,25 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, con
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const DequantBiasStore<T> epi{out.data_ptr<T>(), x_scale.data_ptr<float>(), w_scale.data_ptr<float>(),
                                   bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, static_cast<int>(n),
-                                  n % 2 == 0};
+                                  n % 2 == 0, gelu};
     launch_int8_mma_gemm</*kPackedB=*/true>(ops, epi, stream);
   });
   return out;
 }
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
-  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, nullptr);
+                            const at::Tensor& w_rowsum, const c10::optional<at::Tensor>& bias, int64_t act_qmax,
+                            c10::string_view activation) {
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, activation, nullptr);
 }
 
 at::Tensor int8_linear_static_cuda(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_packed,
                                    const at::Tensor& w_scale, const at::Tensor& w_rowsum,
-                                   const c10::optional<at::Tensor>& bias, int64_t act_qmax) {
+                                   const c10::optional<at::Tensor>& bias, int64_t act_qmax,
+                                   c10::string_view activation) {
   check_static_act_scale(x, x_scale);
   const at::Tensor scale = x_scale.contiguous();
-  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, &scale);
+  return int8_linear_impl(x, w_packed, w_scale, w_rowsum, bias, act_qmax, activation, &scale);
 }
 
 }  // namespace

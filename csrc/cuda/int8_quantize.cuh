@@ -99,10 +99,12 @@ struct DequantBiasStore {
   const float* bias;  // float32 copy of bias, or nullptr
   int n;
   bool pairs_aligned;  // n even: (row, col even) pairs are 2-element aligned
+  bool gelu = false;   // int8_linear's activation="gelu": GELU (erf form) before the store
 
   __device__ __forceinline__ float value(float xs, int col, int acc) const {
     float o = __fmul_rn(__int2float_rn(acc), __fmul_rn(xs, w_scale[col]));
     if (bias != nullptr) o = __fadd_rn(o, bias[col]);
+    if (gelu) o = 0.5f * o * (1.0f + erff(o * 0.70710678118654752f));
     return o;
   }
   __device__ __forceinline__ void operator()(int row, int col, int v0, int v1) const {

@@ -40,6 +40,14 @@ class FrozenLinearBase(nn.Module):
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # Layers whose kernel fuses an output activation (Int8Linear(activation="gelu")) split it off
+    # when gradients flow: the straight-through gradient below covers the linear part only.
+    def _pre_activation_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self._linear_2d(x2d)
+
+    def _output_activation(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -56,7 +64,7 @@ class FrozenLinearBase(nn.Module):
         flat = len(shape) == 2 and x.is_contiguous()
         x2d = x if flat else x.reshape(-1, self.in_features).contiguous()
         if x2d.requires_grad and torch.is_grad_enabled():
-            out = _GradThroughFrozenWeight.apply(x2d, self)
+            out = self._output_activation(_GradThroughFrozenWeight.apply(x2d, self))
         else:
             out = self._linear_2d(x2d)
         return out if flat else out.reshape(*shape[:-1], self.out_features)
@@ -82,7 +90,7 @@ class _GradThroughFrozenWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, layer: FrozenLinearBase) -> torch.Tensor:
         ctx.layer = layer
-        return layer._linear_2d(x2d)
+        return layer._pre_activation_2d(x2d)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .. import ops
+from .. import _ref, ops
 from ..formats import PackedInt8Weight, pow2_ceil
 from ._frozen import FrozenLinearBase
 
@@ -89,7 +90,51 @@ class _PackedInt8Linear(FrozenLinearBase):
                 f"backend={self.backend or 'auto'}, packed_bytes={self.packed_weight().nbytes}")
 
 
-class Int8Linear(_PackedInt8Linear):
+class _W8A8Linear(_PackedInt8Linear):
+    """What the two W8A8 layers share: an output activation fused into the kernel's epilogue.
+
+    activation="gelu" makes the layer compute GELU(linear(x)) in one pass (the erf form, to
+    within 3e-7 of torch's), so a following nn.GELU can go (sparseq.quant.fuse_gelu_ does this);
+    "none" (the default) is the plain linear. to_dense() gives the linear part only.
+    """
+
+    activation = "none"
+
+    def _set_activation(self, activation: str) -> None:
+        _ref.check_fused_activation(activation)
+        self.activation = activation
+
+    def _w8a8(self, x2d: torch.Tensor, activation: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self._w8a8(x2d, self.activation)
+
+    def _pre_activation_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self._w8a8(x2d, "none")
+
+    def _output_activation(self, out: torch.Tensor) -> torch.Tensor:
+        return F.gelu(out) if self.activation == "gelu" else out
+
+    def _activation_repr(self) -> str:
+        return "" if self.activation == "none" else f", activation={self.activation}"
+
+
+class FusedActivation(nn.Identity):
+    """What stands where an activation module was once sparseq.quant.fuse_gelu_ folded it into
+    the preceding W8A8 layer's kernel: passes its input through; ``activation`` names what the
+    layer before it now applies (sparseq.load uses it to fuse a skeleton the same way)."""
+
+    def __init__(self, activation: str = "gelu") -> None:
+        super().__init__()
+        _ref.check_fused_activation(activation)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        return f"{self.activation} fused into the layer before"
+
+
+class Int8Linear(_W8A8Linear):
     """W8A8 dynamic linear: per-output-channel int8 weight, per-row int8 activations.
 
     act_bits=8 quantizes activations to [-127, 127]; act_bits=7 to [-63, 63] (fbgemm's
@@ -102,25 +147,27 @@ class Int8Linear(_PackedInt8Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 act_bits: int | str = "auto", device: Optional[torch.device | str] = None,
-                 backend: Optional[str] = None) -> None:
+                 act_bits: int | str = "auto", activation: str = "none",
+                 device: Optional[torch.device | str] = None, backend: Optional[str] = None) -> None:
         if act_bits != "auto" and act_bits not in _ACT_QMAX:
             raise ValueError(f"act_bits must be 8, 7 or 'auto', got {act_bits!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, backend=backend)
         self.act_bits = act_bits
+        self._set_activation(activation)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, act_bits: int | str = "auto", pow2_scales: bool = False,
-                   backend: Optional[str] = None) -> "Int8Linear":
+                   activation: str = "none", backend: Optional[str] = None) -> "Int8Linear":
         """Quantize and pack ``linear``'s weight (per output channel, symmetric, int8; with
-        pow2_scales the scales are rounded up to powers of two)."""
-        return cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, backend=backend)
+        pow2_scales the scales are rounded up to powers of two). activation: see _W8A8Linear."""
+        return cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, activation=activation,
+                                backend=backend)
 
-    def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+    def _w8a8(self, x2d: torch.Tensor, activation: str) -> torch.Tensor:
         buffers = self._buffers  # one dict, not four nn.Module.__getattr__ calls per forward
         return ops.int8_linear(x2d, buffers["w_packed"], buffers["w_scale"], buffers["w_rowsum"], buffers["bias"],
-                               act_qmax=_ACT_QMAX[self.act_bits_for(x2d.device)], backend=self.backend,
-                               weight_checked=True)
+                               act_qmax=_ACT_QMAX[self.act_bits_for(x2d.device)], activation=activation,
+                               backend=self.backend, weight_checked=True)
 
     def act_bits_for(self, device: torch.device) -> int:
         """The activation bits a call on ``device`` uses (resolves act_bits="auto")."""
@@ -129,10 +176,10 @@ class Int8Linear(_PackedInt8Linear):
         return ops.cpu_int8_full_rate_bits() if device.type == "cpu" else 8
 
     def _extra_repr_options(self) -> str:
-        return f", act_bits={self.act_bits}"
+        return f", act_bits={self.act_bits}{self._activation_repr()}"
 
 
-class Int8StaticLinear(_PackedInt8Linear):
+class Int8StaticLinear(_W8A8Linear):
     """W8A8 static linear: per-output-channel int8 weight, activations quantized with one
     calibrated per-tensor scale, x_q = clamp(round(x / x_scale), -qmax, qmax).
 
@@ -145,16 +192,19 @@ class Int8StaticLinear(_PackedInt8Linear):
     _FP32_BUFFERS = _PackedInt8Linear._FP32_BUFFERS + ("x_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int = 8,
-                 device: Optional[torch.device | str] = None, backend: Optional[str] = None) -> None:
+                 activation: str = "none", device: Optional[torch.device | str] = None,
+                 backend: Optional[str] = None) -> None:
         if act_bits not in _ACT_QMAX:
             raise ValueError(f"act_bits must be 8 or 7 for static activations, got {act_bits!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, backend=backend)
         self.act_bits = act_bits
+        self._set_activation(activation)
         self.register_buffer("x_scale", torch.ones(1, dtype=torch.float32, device=device))
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, x_scale: Optional[float] = None, act_bits: int = 8,
-                   pow2_scales: bool = False, backend: Optional[str] = None) -> "Int8StaticLinear":
+                   pow2_scales: bool = False, activation: str = "none",
+                   backend: Optional[str] = None) -> "Int8StaticLinear":
         """Quantize and pack ``linear``'s weight and fix the activation scale.
 
         x_scale: the activation scale (x_q = round(x / x_scale)); by default
@@ -173,20 +223,21 @@ class Int8StaticLinear(_PackedInt8Linear):
         x_scale = float(x_scale)
         if not (math.isfinite(x_scale) and x_scale > 0 and math.isfinite(1.0 / x_scale)):
             raise ValueError(f"x_scale must be a positive finite float, got {x_scale}")
-        layer = cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, backend=backend)
+        layer = cls._from_linear(linear, pow2_scales=pow2_scales, act_bits=act_bits, activation=activation,
+                                 backend=backend)
         layer.x_scale.fill_(x_scale)
         if pow2_scales:
             layer.x_scale.copy_(pow2_ceil(layer.x_scale))
         return layer
 
-    def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+    def _w8a8(self, x2d: torch.Tensor, activation: str) -> torch.Tensor:
         buffers = self._buffers
         return ops.int8_linear_static(x2d, buffers["x_scale"], buffers["w_packed"], buffers["w_scale"],
                                       buffers["w_rowsum"], buffers["bias"], act_qmax=_ACT_QMAX[self.act_bits],
-                                      backend=self.backend, weight_checked=True)
+                                      activation=activation, backend=self.backend, weight_checked=True)
 
     def _extra_repr_options(self) -> str:
-        return f", act_bits={self.act_bits}, x_scale={self.x_scale.item():.6g}"
+        return f", act_bits={self.act_bits}{self._activation_repr()}, x_scale={self.x_scale.item():.6g}"
 
 
 class Int8WeightOnlyLinear(_PackedInt8Linear):

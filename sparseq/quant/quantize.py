@@ -1,12 +1,14 @@
 """quantize_: swap a model's nn.Linear layers for sparseq's int8 layers, in place."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..convert import FilterFn, swap_modules
 from ..nn import Int8Linear, Int8StaticLinear, Int8WeightOnlyLinear, QuantizedEmbedding
+from ..nn.int8_linear import FusedActivation, _W8A8Linear
 
 SCHEMES = {
     "w8a8": Int8Linear,  # int8 weights, activations quantized per row at run time
@@ -118,3 +120,44 @@ def quantize_embeddings_(model: nn.Module, bits: int = 8, group_size: Optional[i
     swap_modules(model, build, filter_fn=filter_fn, skip=skip)
     swap_modules(model, lambda module, fqn: replacements.get(id(module)), filter_fn=filter_fn, skip=skip)
     return model
+
+
+# (linear, activation) attribute pairs of blocks that apply activation(linear(x)) in forward:
+# transformers' BERT family (BertIntermediate, RobertaIntermediate, ...).
+_LINEAR_THEN_ACTIVATION = (("dense", "intermediate_act_fn"),)
+
+
+def is_exact_gelu(module: nn.Module) -> bool:
+    """nn.GELU() or transformers' GELUActivation, both the erf form (not tanh-approximated)."""
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is F.gelu
+
+
+def fuse_gelu_(model: nn.Module) -> List[str]:
+    """Fold every exact GELU that directly follows a W8A8 layer (Int8Linear, Int8StaticLinear)
+    into that layer's kernel epilogue (activation="gelu"), replacing the GELU module with
+    sparseq.nn.FusedActivation (an identity), in place; return the names of the fused layers. One pass over the output
+    instead of two: the GELU costs a fraction of its separate run (on MiniLM's FFN about a fifth).
+    Found: consecutive children of an nn.Sequential, and the (dense, intermediate_act_fn) pair of
+    transformers' BERT-family blocks. Anything else is left as it is."""
+    fused: List[str] = []
+    uses: Dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    for name, parent in model.named_modules():
+        pairs = []
+        if isinstance(parent, nn.Sequential):
+            children = list(parent._modules.items())
+            pairs = [(children[i][0], children[i + 1][0]) for i in range(len(children) - 1)]
+        else:
+            pairs = [pair for pair in _LINEAR_THEN_ACTIVATION if all(a in parent._modules for a in pair)]
+        for linear_name, act_name in pairs:
+            linear, act = parent._modules[linear_name], parent._modules[act_name]
+            # A layer used at several places may be followed by a GELU at one of them only.
+            if (isinstance(linear, _W8A8Linear) and linear.activation == "none" and is_exact_gelu(act)
+                    and uses[id(linear)] == 1):
+                linear._set_activation("gelu")
+                parent._modules[act_name] = FusedActivation("gelu")
+                fused.append(f"{name}.{linear_name}" if name else linear_name)
+    return fused

@@ -249,3 +249,48 @@ def test_bad_inputs_raise_clear_errors():
         args = {**good, **change}
         with pytest.raises(RuntimeError, match=msg):
             ops.int8_weight_only_linear(args["x"], args["w_packed"], args["w_scale"], args["bias"])
+
+
+# ------------------------------------------------------------------------- fused GELU epilogue
+
+@pytest.mark.parametrize("m,k,n", [(1, 37, 20), (17, 67, 33), (4097, 40, 16)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("act_qmax", (63, 127))
+def test_int8_linear_fused_gelu_matches_reference(kernel_path, m, k, n, dtype, act_qmax):
+    gen = _gen(m + k + n)
+    w = _packed(n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+    bias = torch.randn(n, generator=gen)
+    out = ops.int8_linear(x, w.packed, w.scale, w.rowsum, bias, act_qmax, "gelu")
+    plain = _ref.int8_linear(x, w.packed, w.scale, w.rowsum, bias, act_qmax)
+    ref = _ref.int8_linear(x, w.packed, w.scale, w.rowsum, bias, act_qmax, "gelu")
+    assert out.dtype == dtype and out.shape == (m, n)
+    # The epilogue's erf (Abramowitz & Stegun 7.1.28) is within 3e-7 of torch's, so the outputs
+    # agree to fp32 rounding; half dtypes to one rounding step of the output.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert not torch.allclose(ref.float(), plain.float())  # the activation did something
+    torch.testing.assert_close(ref.float(), torch.nn.functional.gelu(plain.float()), rtol=tol, atol=tol)
+
+
+def test_fused_gelu_keeps_nan_and_saturates_large_values(kernel_path):
+    w = sparseq.PackedInt8Weight.from_int8(torch.tensor([[1], [-1]], dtype=torch.int8), torch.ones(2))
+    x = torch.tensor([[30.0], [float("nan")], [0.0]])
+    out = ops.int8_linear(x, w.packed, w.scale, w.rowsum, None, 127, "gelu")
+    assert out[0, 0] == pytest.approx(30.0, rel=1e-6) and out[0, 1] == 0.0
+    assert torch.isnan(out[1]).all() and torch.equal(out[2], torch.zeros(2))
+
+
+def test_opcheck_with_fused_gelu():
+    a, b, x, w, bias = _sample_args()
+    torch.library.opcheck(ops.int8_linear.default, (x, w.packed, w.scale, w.rowsum, bias, 127, "gelu"))
+
+
+def test_unknown_fused_activation_is_refused():
+    a, b, x, w, bias = _sample_args()
+    with pytest.raises(RuntimeError, match='activation must be "none" or "gelu", got "relu"'):
+        ops.int8_linear(x, w.packed, w.scale, w.rowsum, bias, 127, "relu")
+    with pytest.raises(ValueError, match="activation must be"):
+        sparseq.ops.int8_linear(x, w.packed, w.scale, w.rowsum, bias, 127, "relu")
+    with pytest.raises(ValueError, match="activation must be"):
+        _ref.int8_linear(x, w.packed, w.scale, w.rowsum, bias, 127, "tanh")

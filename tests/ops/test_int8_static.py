@@ -69,6 +69,20 @@ def test_matches_reference(backend, m, k, n, dtype, act_qmax):
         assert torch.equal(out, _ref.int8_linear_static(x, x_scale, w.packed, w.scale, w.rowsum, bias, act_qmax))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fused_gelu_matches_reference(backend, dtype):
+    gen = _gen(5)
+    w = _packed(33, 67, gen)
+    x = (torch.randn(17, 67, generator=gen) * 3).to(dtype)
+    bias = torch.randn(33, generator=gen)
+    out = ops.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, 127, "gelu", backend=backend)
+    ref = _ref.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, 127, "gelu")
+    plain = _ref.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, 127)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(ref.float(), torch.nn.functional.gelu(plain.float()), rtol=tol, atol=tol)
+
+
 def test_many_rows_match_reference(backend):
     gen = _gen(9)
     x = torch.randn(4097, 13, generator=gen).to(torch.bfloat16)
@@ -137,6 +151,8 @@ def test_opcheck():
                               (x, _scale(0.03), w.packed, w.scale, w.rowsum, bias, act_qmax))
     torch.library.opcheck(torch.ops.sparseq.int8_linear_static.default,
                           (x, _scale(0.03), w.packed, w.scale, w.rowsum, None, 127))
+    torch.library.opcheck(torch.ops.sparseq.int8_linear_static.default,
+                          (x, _scale(0.03), w.packed, w.scale, w.rowsum, bias, 127, "gelu"))
 
 
 def _bad_cases(x, w, bias):

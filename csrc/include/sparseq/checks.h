@@ -3,6 +3,9 @@
 // reaching torch.ops.sparseq.* directly still gets a clear error instead of a crash.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <string>
 
 #include "sparseq/packed_int8.h"
 #include "sparseq/sparse_formats.h"
@@ -22,6 +25,13 @@ inline void check_float_activation(const at::Tensor& x) {
               "sparseq: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 2, "sparseq: x must be 2-D [M, K], got ", x.dim(), "-D");
   TORCH_CHECK(x.is_contiguous(), "sparseq: x must be contiguous");
+}
+
+// The int8_linear ops' fused activation: "none" or "gelu"; true for GELU.
+inline bool parse_fused_activation(c10::string_view activation) {
+  TORCH_CHECK(activation == "none" || activation == "gelu",
+              "sparseq: activation must be \"none\" or \"gelu\", got \"", std::string(activation), "\"");
+  return activation == "gelu";
 }
 
 // The W8A8 ops quantize activations to 8 bits (127) or 7 bits (63).
