@@ -12,7 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-2.14.1-passes
 EXT_STAMP := build/.ext-stamp
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: demo test test-all build bench clean
+.PHONY: demo test test-all build bench clean wheel wheel-cpu wheel-cuda wheel-test wheel-test-cpu wheel-test-cuda
 
 $(DEPS_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,19 @@ test-all: build
 
 bench: build
 	$(VENV)/bin/sparseq bench int8 --json bench/results/int8-cpu.json
+
+# Wheels (README "Wheels"): a CPU one (+cpu) and a CUDA one (+cu130 from torch's CUDA) in dist/.
+# wheel-test rebuilds them (only what changed) and runs the fast suite against each, installed
+# into a fresh venv.
+wheel: wheel-cpu wheel-cuda
+
+wheel-cpu wheel-cuda: wheel-%: $(DEPS_STAMP)
+	PYTHON=$(VPY) tools/build_wheel.sh $*
+
+wheel-test: wheel-test-cpu wheel-test-cuda
+
+wheel-test-cpu wheel-test-cuda: wheel-test-%: wheel-%
+	PYTHON=$(PYTHON) tools/test_wheel.sh $$(cat build/wheel-$*/wheel-path) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build sparseq/_C*.so *.egg-info
