@@ -55,7 +55,7 @@ step build 240 "$OUT/build.log" env SPARSEQ_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.
 
 step pytest 200 "$OUT/pytest.log" env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 \
   "$PY" -m pytest tests/ops/test_int8_cuda.py tests/ops/test_int8_triton.py tests/ops/test_ops_api.py \
-  tests/ops/test_sparse_cuda.py tests/ops/test_bsr_triton.py -q -rs -m "not slow" -p no:cacheprovider --junitxml="$OUT/junit.xml"
+  tests/ops/test_sparse_cuda.py tests/ops/test_bsr_triton.py tests/ops/test_int8_static.py -q -rs -m "not slow" -p no:cacheprovider --junitxml="$OUT/junit.xml"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -1 | tee -a "$SUMMARY"
 
 step bench 40 "$OUT/bench.log" env -u TRITON_INTERPRET PYTHONUNBUFFERED=1 \

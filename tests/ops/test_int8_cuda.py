@@ -115,6 +115,26 @@ class TestCudaKernels:
         rtol = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
         torch.testing.assert_close(out.cpu(), ref, rtol=rtol, atol=1e-6)
 
+    @pytest.mark.parametrize("m,n,k", [(1, 17, 35), (4097, 1536, 384)])
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("static", [False, True])
+    def test_int8_linear_fused_gelu_matches_reference(self, m, n, k, dtype, static):
+        pw = _packed_weight(n, k, seed=m + n)
+        g = torch.Generator().manual_seed(k)
+        x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+        bias = torch.randn(n, generator=g)
+        scale = torch.tensor([0.03])
+        if static:
+            ref = _ref.int8_linear_static(x, scale, pw.packed, pw.scale, pw.rowsum, bias, 127, "gelu")
+            out = ops.int8_linear_static(x.cuda(), scale.cuda(), pw.packed.cuda(), pw.scale.cuda(), pw.rowsum.cuda(),
+                                         bias.cuda(), 127, "gelu", backend="cuda")
+        else:
+            ref = _ref.int8_linear(x, pw.packed, pw.scale, pw.rowsum, bias, 127, "gelu")
+            out = ops.int8_linear(x.cuda(), pw.packed.cuda(), pw.scale.cuda(), pw.rowsum.cuda(), bias.cuda(), 127,
+                                  "gelu", backend="cuda")
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol, atol=tol)
+
     @pytest.mark.parametrize("k", [1, 67, 4099])
     def test_int8_linear_integer_inputs_are_exact(self, k):
         # Rows whose absmax is act_qmax quantize to themselves with scale 1; with unit weight
