@@ -124,9 +124,11 @@ class SparseLinear(FrozenLinearBase):
             raise ValueError(f"block= only applies to format='bsr', not {format!r}")
         dtype = None if int8 else (weight.dtype if weight.dtype in FLOAT_VALUE_DTYPES else torch.float32)
         # A meta weight is a placeholder without values (a layer built empty on the meta device,
-        # as sparseq.load does, for load_state_dict(assign=True) to fill): packing must read
-        # values, so pack an all-zero weight of its shape on the CPU and keep the buffers on meta.
-        source = torch.zeros(weight.shape, dtype=weight.dtype, device="cpu") if weight.is_meta else weight
+        # as sparseq.load does, for load_state_dict(assign=True) to fill, which takes its buffer
+        # shapes from the file): packing must read values, so pack a one-block-high all-zero
+        # slice of it on the CPU (never a dense weight) and keep the buffers on meta.
+        rows = block[0] if format == "bsr" else 1
+        source = torch.zeros((rows, weight.shape[1]), dtype=weight.dtype, device="cpu") if weight.is_meta else weight
         if format == "csr":
             packed = SparseCSRWeight.pack(source, dtype=dtype, int8=int8)
         elif format == "2:4":
