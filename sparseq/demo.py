@@ -7,11 +7,13 @@ Recipes (sparseq.compress; calibration and distillation text from sparseq.minilm
   w8a8               the preset: dynamic W8A8 on every Linear (no data needed)
   w8a16              the preset: int8 weights, float activations
   2:4+w8a8           the preset: SparseGPT 2:4, int8 weights of the kept values (one-shot)
-  ffn-1/3 + distill + w8a8 + int4 embeddings
-                     structured pruning of a third of each FFN's width (whole neurons, by
-                     activation importance, widths kept multiples of 64), a short distillation
-                     from the fp32 model (output and every layer's hidden states), then W8A8 and
-                     4-bit token / position embedding tables: the smallest, fastest recipe
+  ffn 1536->896 + distill + w8a8 + int4 embeddings
+                     structured pruning of 5/12 of each FFN's neurons (by activation importance,
+                     widths kept multiples of 64), a short distillation from the fp32 model
+                     (output and every layer's hidden states), then W8A8 with the GELU fused into
+                     the FFN's first int8 layer, and 4-bit embedding tables: the smallest and
+                     fastest recipe (a third of the FFN: cosine 0.965 but 2.4x; half: 2.8x but
+                     0.946 after as much distillation)
 The targets (issue 5, this 2-core CPU, batch 32 x 128): w8a8 >= 1.8x with mean cosine >= 0.99;
 the best sparse+int8 recipe >= 2.5x with cosine >= 0.95 and a file <= 20% of the fp32 one.
 """
@@ -36,6 +38,10 @@ from .compression import compress
 from .serialization import load, save
 
 
+# The best sparse+int8 recipe: the FFN of every layer cut from 1536 to 896 neurons.
+BEST = "ffn 1536->896 + distill + w8a8 + int4 embeddings"
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     eval_texts: int
@@ -52,7 +58,7 @@ class Settings:
 
 
 FULL = Settings(eval_texts=256, calib_texts=128, train_texts=1024, seq_len=128, batch_size=16,
-                distill_steps=256, latency_batch=32, latency_seq=128, latency_runs=7)
+                distill_steps=384, latency_batch=32, latency_seq=128, latency_runs=7)
 FAST = Settings(eval_texts=8, calib_texts=8, train_texts=8, seq_len=16, batch_size=4, distill_steps=2,
                 latency_batch=2, latency_seq=16, latency_runs=1, layers=1, judged=False)
 
@@ -69,8 +75,8 @@ def recipes(settings: Settings, layers: int) -> Dict[str, List[Dict[str, Any]]]:
         "w8a8": "w8a8",
         "w8a16": "w8a16",
         "2:4+w8a8": "2:4+w8a8",
-        "ffn-1/3 + distill + w8a8 + int4 embeddings": [
-            {"prune": {"method": "structured", "ratio": 1 / 3, "targets": ["ffn"], "importance": "activation",
+        BEST: [
+            {"prune": {"method": "structured", "ratio": 5 / 12, "targets": ["ffn"], "importance": "activation",
                        "round_to": 64}},
             {"distill": {"steps": settings.distill_steps, "lr": 1e-4, "features": hidden_state_features(layers)}},
             {"quantize": {"scheme": "w8a8", "embeddings": 4}},
@@ -81,7 +87,7 @@ def recipes(settings: Settings, layers: int) -> Dict[str, List[Dict[str, Any]]]:
 # name -> (what it must reach, a check on the row); the targets of issue 5.
 TARGETS: Dict[str, tuple] = {
     "w8a8": ("speedup >= 1.8, cosine >= 0.99", lambda r: r["speedup"] >= 1.8 and r["cosine"] >= 0.99),
-    "ffn-1/3 + distill + w8a8 + int4 embeddings": (
+    BEST: (
         "speedup >= 2.5, cosine >= 0.95, file <= 20%",
         lambda r: r["speedup"] >= 2.5 and r["cosine"] >= 0.95 and r["file_ratio"] <= 0.20),
 }

@@ -25,18 +25,19 @@ def test_fast_demo_prints_one_row_per_recipe(tmp_path, capsys):
         assert row["passed"] is None  # the fast numbers are not judged
     rows = {row["recipe"]: row for row in report["rows"]}
     assert rows["fp32"]["cosine"] == pytest.approx(1.0, abs=1e-6)
-    best = rows["ffn-1/3 + distill + w8a8 + int4 embeddings"]
+    best = rows[demo.BEST]
     assert best["file_ratio"] < 0.25  # int4 tables, int8 and narrower FFN layers
     model = sparseq.load(best["path"])
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"Int8Linear", "QuantizedEmbedding"} <= kinds
-    assert model.encoder.layer[0].intermediate.dense.out_features == 1024
+    assert model.encoder.layer[0].intermediate.dense.out_features == 896
+    assert model.encoder.layer[0].intermediate.dense.activation == "gelu"
     assert torch.is_tensor(model.embeddings.word_embeddings.codes)
 
 
 def test_targets_judge_the_rows():
     check = demo.TARGETS["w8a8"][1]
     assert check({"speedup": 1.9, "cosine": 0.995}) and not check({"speedup": 1.7, "cosine": 0.995})
-    best = demo.TARGETS["ffn-1/3 + distill + w8a8 + int4 embeddings"][1]
+    best = demo.TARGETS[demo.BEST][1]
     assert best({"speedup": 2.6, "cosine": 0.96, "file_ratio": 0.18})
     assert not best({"speedup": 2.6, "cosine": 0.96, "file_ratio": 0.21})
