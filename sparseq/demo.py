@@ -58,7 +58,7 @@ class Settings:
 
 
 FULL = Settings(eval_texts=256, calib_texts=128, train_texts=1024, seq_len=128, batch_size=16,
-                distill_steps=384, latency_batch=32, latency_seq=128, latency_runs=7)
+                distill_steps=384, latency_batch=32, latency_seq=128, latency_runs=11)
 FAST = Settings(eval_texts=8, calib_texts=8, train_texts=8, seq_len=16, batch_size=4, distill_steps=2,
                 latency_batch=2, latency_seq=16, latency_runs=1, layers=1, judged=False)
 
@@ -138,7 +138,7 @@ def run(settings: Settings, out_dir: str, log: Callable[[str], None] = print) ->
         return call
 
     times = time_interleaved({name: forward(model) for name, model in deployed.items()},
-                             runs=settings.latency_runs, warmup=1)
+                             runs=settings.latency_runs, warmup=2)
     for row in rows:
         row["latency_ms"] = times[row["recipe"]]
         row["speedup"] = times["fp32"] / row["latency_ms"]
