@@ -37,5 +37,10 @@ def test_converted_bert_compiles_and_exports(recipe):
         eager = model(**inputs).last_hidden_state
         compiled = torch.compile(copy.deepcopy(model), fullgraph=True)  # inductor, as deployed
         torch.testing.assert_close(compiled(**inputs).last_hidden_state, eager, rtol=1e-5, atol=1e-5)
+        csr = any(getattr(module, "format", None) == "csr" for module in model.modules())
+        if csr and not sparseq.HAS_EXT:
+            # Without the compiled ops, the CSR layers run sparseq._ref's Python loop over row
+            # segments, whose bounds torch.export cannot trace; the compiled ops export (above).
+            pytest.skip("torch.export of CSR layers needs the compiled sparseq ops")
         exported = torch.export.export(model, (), dict(inputs))
         torch.testing.assert_close(exported.module()(**inputs).last_hidden_state, eager, rtol=1e-5, atol=1e-5)
