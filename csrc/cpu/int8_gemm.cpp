@@ -95,7 +95,8 @@ bool run_gemm(const GemmProblem& p, GemmKernel kernel) {
                      default: ok = gemm_tiles_portable(p, m0, m1, nb0, nb1);
                    }
                    if (!ok) exact.store(false);
-                 });
+                 },
+                 kernel == GemmKernel::kAvx512Vnni ? 4 : 1);  // the VNNI core's 64-column panels
   return exact.load();
 }
 

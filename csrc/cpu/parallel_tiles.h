@@ -17,10 +17,11 @@ constexpr int64_t kChunksPerThread = 4;
 // Column blocks are split into kChunksPerThread chunks per thread (one when M < row_multiple);
 // rows into chunks of at most `max_chunk_rows` (activation chunk fits in L2) and, when there are
 // too few column blocks to feed every thread, into one chunk per thread. Problems under
-// `serial_macs` multiply-adds run on the calling thread.
+// `serial_macs` multiply-adds run on the calling thread. Column chunks are a multiple of
+// `block_multiple` blocks (a kernel's panel width) wherever there are enough blocks for that.
 template <typename Fn>
 void parallel_tiles(int64_t m, int64_t n_blocks, int64_t k, int64_t max_chunk_rows, int64_t row_multiple,
-                    const Fn& fn) {
+                    const Fn& fn, int64_t block_multiple = 1) {
   if (m <= 0 || n_blocks <= 0) return;
   constexpr int64_t kSerialMacs = 1 << 17;
   if (m * n_blocks * 16 * std::max<int64_t>(k, 1) <= kSerialMacs) {
@@ -35,7 +36,8 @@ void parallel_tiles(int64_t m, int64_t n_blocks, int64_t k, int64_t max_chunk_ro
   const int64_t row_chunks = (m + rows - 1) / rows;
   // Decode-sized M streams the weight: one contiguous share per thread suits the prefetchers.
   const int64_t chunks_per_thread = m < row_multiple ? 1 : kChunksPerThread;
-  const int64_t col_chunk = std::max<int64_t>(1, (n_blocks + threads * chunks_per_thread - 1) / (threads * chunks_per_thread));
+  int64_t col_chunk = std::max<int64_t>(1, (n_blocks + threads * chunks_per_thread - 1) / (threads * chunks_per_thread));
+  col_chunk = (col_chunk + block_multiple - 1) / block_multiple * block_multiple;
   const int64_t col_chunks = (n_blocks + col_chunk - 1) / col_chunk;
   const int64_t tasks = row_chunks * col_chunks;
   std::atomic<int64_t> next_task{0};
