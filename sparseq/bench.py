@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -155,17 +156,20 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
 def time_interleaved(fns: Dict[str, Callable[[], object]], runs: int = 9, warmup: int = 2,
                      clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median time (ms) of each fn, calling them in turn every round so that drift in the
-    machine's load (other processes, clocks) hits kernel and baseline alike. `clock` may be
-    time.process_time: CPU time, which time slices lost to other processes do not inflate
-    (meaningful with one thread only)."""
+    machine's load (other processes, clocks) hits kernel and baseline alike. Each round runs
+    them in another (seeded) order, so no fn always follows the same one: what a predecessor
+    leaves behind (caches, the core's clock after heavy AVX-512 or AVX2 work) is spread over all.
+    `clock` may be time.process_time: CPU time, which time slices lost to other processes do not
+    inflate (meaningful with one thread only)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(runs):
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
             start = clock()
-            fn()
+            fns[name]()
             times[name].append((clock() - start) * 1e3)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
