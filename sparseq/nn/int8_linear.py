@@ -104,8 +104,7 @@ class _W8A8Linear(_PackedInt8Linear):
         _ref.check_fused_activation(activation)
         self.activation = activation
 
-    def _w8a8(self, x2d: torch.Tensor, activation: str) -> torch.Tensor:
-        raise NotImplementedError
+    # Subclasses define _w8a8(x2d, activation): their op call with the given fused activation.
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         return self._w8a8(x2d, self.activation)
