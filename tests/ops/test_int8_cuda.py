@@ -17,6 +17,8 @@ import sparseq
 from sparseq import _ref, ops
 from sparseq.formats import PackedInt8Weight
 
+from .int8_helpers import FUSED_GELU_TOL
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -132,7 +134,7 @@ class TestCudaKernels:
             ref = _ref.int8_linear(x, pw.packed, pw.scale, pw.rowsum, bias, 127, "gelu")
             out = ops.int8_linear(x.cuda(), pw.packed.cuda(), pw.scale.cuda(), pw.rowsum.cuda(), bias.cuda(), 127,
                                   "gelu", backend="cuda")
-        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        tol = FUSED_GELU_TOL[dtype]
         torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=tol, atol=tol)
 
     @pytest.mark.parametrize("k", [1, 67, 4099])

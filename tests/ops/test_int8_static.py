@@ -9,7 +9,7 @@ import sparseq
 from sparseq import _ref, ops
 from sparseq.formats import PackedInt8Weight
 
-from .int8_helpers import (CPU_INT8_PATHS, FLOAT_DTYPES, _assert_float_close, _gen, _int8, _packed,
+from .int8_helpers import (CPU_INT8_PATHS, FLOAT_DTYPES, FUSED_GELU_TOL, _assert_float_close, _gen, _int8, _packed,
                            select_cpu_int8_path)
 
 needs_ext = pytest.mark.skipif(not sparseq.HAS_EXT, reason=f"sparseq extension not built ({sparseq.EXT_ERROR})")
@@ -78,7 +78,7 @@ def test_fused_gelu_matches_reference(backend, dtype):
     out = ops.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, 127, "gelu", backend=backend)
     ref = _ref.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, 127, "gelu")
     plain = _ref.int8_linear_static(x, _scale(0.02), w.packed, w.scale, w.rowsum, bias, 127)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    tol = FUSED_GELU_TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(ref.float(), torch.nn.functional.gelu(plain.float()), rtol=tol, atol=tol)
 
