@@ -62,7 +62,7 @@ def cpu_int8_full_rate_bits() -> int:
     """The activation bits the CPU int8 core multiplies at full rate: 8 with AVX-512 VNNI
     (vpdpbusd is exact for every u8 x s8), else 7 (AVX2's vpmaddubsw is exact at full rate only
     for 7-bit unsigned activations; 8 bits need an extra sign operation per product). Read once,
-    at import, from the CPU's features and SPARSEQ_DISABLE_VNNI."""
+    at import, from the CPU's features and SPARSEQ_DISABLE_VNNI / SPARSEQ_DISABLE_AVX512."""
     return _CPU_INT8_FULL_RATE_BITS
 
 

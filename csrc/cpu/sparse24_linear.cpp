@@ -1,6 +1,7 @@
 // CPU sparse24_linear: x float [M, K] times a 2:4 weight [N, K] (values fp32/bf16/fp16 or int8
 // codes with w_scale, 2-bit positions in meta), fp32 accumulation, bias, x's dtype. AVX2 kernels in
-// sparse24_linear_avx2.cpp; the portable loop below runs otherwise.
+// sparse24_linear_avx2.cpp, the AVX-512 tile kernel in sparse24_linear_avx512.cpp; the portable loop
+// below runs otherwise.
 #include <torch/library.h>
 
 #include <vector>
@@ -44,15 +45,17 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   p.groups = sparse24_groups(x.size(1));
   const at::Tensor bias_f32 = bias_as_float(bias);
   p.epilogue = make_epilogue(out, w_scale, bias_f32);
-  const bool use_avx2 = cpu_has_avx2_fma();
+  const bool use_avx2 = cpu_has_avx2_fma(), use_avx512 = cpu_has_avx512();
   const bool tiles = use_avx2 && m > kSparse24DecodeMaxRows;
-  const at::Tensor x_storage = prepare_activations(x, sparse24_k_pad(p.groups), tiles, p.x);
+  const int64_t max_width = tile_width_max(use_avx512);
+  const at::Tensor x_storage = prepare_activations(x, sparse24_k_pad(p.groups), tiles, p.x, max_width);
 
   parallel_rows(n, [&](int64_t n0, int64_t n1) {
     if (tiles) {
-      std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(kTileValueScratch);
-      for_each_tile(m, [&](int64_t m0, int64_t width) {
-        sparse24_tile_rows_avx2(p, m0, width, n0, n1, partial.data(), values_f32.data());
+      std::vector<float> partial((n1 - n0) * max_width), values_f32(kTileValueScratch);
+      const auto tile_rows = use_avx512 ? sparse24_tile_rows_avx512 : sparse24_tile_rows_avx2;
+      for_each_tile(m, max_width, [&](int64_t m0, int64_t width) {
+        tile_rows(p, m0, width, n0, n1, partial.data(), values_f32.data());
       });
     } else if (use_avx2) {
       sparse24_decode_rows_avx2(p, n0, n1);

@@ -1,6 +1,7 @@
 // CPU sparse_csr_linear: x float [M, K] times a segmented-CSR weight [N, K] (uint8 column offsets,
-// values fp32/bf16/fp16 or int8 codes with w_scale), fp32 accumulation, bias, x's dtype. AVX2
-// kernels in sparse_csr_linear_avx2.cpp; the portable loop below runs otherwise.
+// values fp32/bf16/fp16 or int8 codes with w_scale), fp32 accumulation, bias, x's dtype. AVX-512
+// kernels in sparse_csr_linear_avx512.cpp, AVX2 ones in sparse_csr_linear_avx2.cpp; the portable
+// loop below runs otherwise.
 #include <torch/library.h>
 
 #include <vector>
@@ -50,20 +51,23 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
   p.segments = csr_segments(x.size(1));
   const at::Tensor bias_f32 = bias_as_float(bias);
   p.epilogue = make_epilogue(out, w_scale, bias_f32);
-  const bool use_avx2 = cpu_has_avx2_fma();
+  const bool use_avx2 = cpu_has_avx2_fma(), use_avx512 = cpu_has_avx512();
   const bool tiles = use_avx2 && m > kCsrDecodeMaxRows;
-  const at::Tensor x_storage = prepare_activations(x, csr_k_pad(p.segments), tiles, p.x);
+  const int64_t max_width = tile_width_max(use_avx512);
+  const at::Tensor x_storage = prepare_activations(x, csr_k_pad(p.segments), tiles, p.x, max_width);
 
   bool ok;
   if (use_avx2) {
     ok = parallel_rows(n, [&](int64_t n0, int64_t n1) {
       std::vector<int32_t> columns(p.x.k_pad + 32);
-      if (!tiles) return csr_decode_rows_avx2(p, n0, n1, columns.data());
+      if (!tiles)
+        return use_avx512 ? csr_decode_rows_avx512(p, n0, n1, columns.data())
+                          : csr_decode_rows_avx2(p, n0, n1, columns.data());
       std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(p.x.k_pad);
       bool chunk_ok = true;
-      for_each_tile(m, [&](int64_t m0, int64_t width) {
-        chunk_ok = chunk_ok && csr_tile_rows_avx2(p, m0, width, n0, n1, partial.data(), columns.data(),
-                                                  values_f32.data());
+      for_each_tile(m, max_width, [&](int64_t m0, int64_t width) {
+        const auto tile_rows = use_avx512 ? csr_tile_rows_avx512 : csr_tile_rows_avx2;
+        chunk_ok = chunk_ok && tile_rows(p, m0, width, n0, n1, partial.data(), columns.data(), values_f32.data());
       });
       return chunk_ok;
     });

@@ -7,54 +7,12 @@
 #include <cmath>
 #include <cstring>
 
-#include "sparse_avx2.h"
+#include "sparse_csr_avx2.h"
 
 namespace sparseq::cpu {
 namespace {
 
 using namespace avx2;
-
-// Checks the segment pointers of row n (0 <= start <= ... <= end <= nnz, at most 256 entries per
-// segment) before anything is read through them.
-inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
-  const int32_t* ptr = p.seg_ptr + n * p.segments;
-  if (ptr[0] < 0) return false;
-  for (int64_t s = 0; s < p.segments; ++s) {
-    const int64_t count = static_cast<int64_t>(ptr[s + 1]) - ptr[s];
-    if (count < 0 || count > kMaxSegmentEntries || ptr[s + 1] > p.nnz) return false;
-  }
-  return true;
-}
-
-// Writes the absolute columns of row n's segments [s0, s1) to columns[0 ..) (one loop over a
-// row's entries then replaces a loop per segment). Every segment is expanded 32 entries at a
-// time, the first 32 unconditionally (the next segment overwrites the excess; `columns` has 32
-// spare entries), so a typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
-SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
-  const int32_t* ptr = p.seg_ptr + n * p.segments;
-  const int64_t start = ptr[s0];
-  for (int64_t s = s0; s < s1; ++s) {
-    const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
-    const int64_t count = ptr[s + 1] - ptr[s];
-    int32_t* out = columns + (ptr[s] - start);
-    int64_t i = 0;
-    do {
-      const int64_t e = ptr[s] + i;
-      alignas(32) uint8_t tail[32] = {};
-      const uint8_t* src = p.col_offsets + e;
-      if (e + 32 > p.nnz) {  // only near the end of the arrays
-        for (int64_t j = 0; e + j < p.nnz; ++j) tail[j] = p.col_offsets[e + j];
-        src = tail;
-      }
-      for (int q = 0; q < 4; ++q) {
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * q),
-                            _mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base));
-      }
-      i += 32;
-    } while (i < count);
-  }
-}
 
 // x[columns[0..8)] as one vector, from scalar loads merged with vinsertps: vgatherdps is
 // microcoded and several times slower on the AMD cores this was tuned on, and one vector FMA per 8
@@ -80,22 +38,13 @@ SPARSEQ_AVX2 inline __m256 load8_at(const float* x, const int32_t* columns) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
 }
 
-// Rows ahead whose values and offsets the decode kernel prefetches (the weight streams from DRAM
-// when a model's other layers have pushed it out of cache).
-constexpr int64_t kDecodePrefetchRows = 4;
-
 // One x row (16 KiB at K=4096, in L1). Values are widened in the loop (kValues fixed per call).
 template <ValueType kValues>
 SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* columns, float* result) {
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0], count = ptr[p.segments] - start;
-  if (n + kDecodePrefetchRows < p.n) {
-    const int32_t* ahead = p.seg_ptr + (n + kDecodePrefetchRows) * p.segments;
-    prefetch_bytes(static_cast<const char*>(p.values) + ahead[0] * value_bytes(kValues),
-                   (ahead[p.segments] - ahead[0]) * value_bytes(kValues));
-    prefetch_bytes(p.col_offsets + ahead[0], ahead[p.segments] - ahead[0]);
-  }
+  if (n + kDecodePrefetchRows < p.n) prefetch_row_entries(p, n + kDecodePrefetchRows, 0, p.segments);
   expand_columns(p, n, 0, p.segments, columns);
   const float* x = p.x.x_rows;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -119,14 +68,6 @@ SPARSEQ_AVX2 bool csr_decode_rows(const CsrProblem& p, int64_t n_begin, int64_t 
   return for_row_blocks(p.epilogue, n_begin, n_end, 0, 1, [&](int64_t n, float* result) SPARSEQ_AVX2 {
     return csr_decode_row<kValues>(p, n, columns, result);
   });
-}
-
-// Segments per K block of the tile kernel. A 90%-sparse row touches ~10% of the x tile's rows, so
-// whole rows (the weight streamed in order) run fastest; denser rows touch most of the tile and
-// run fastest with its 4-segment block (64 KiB at width 16) kept close.
-inline int64_t csr_block_segments(const CsrProblem& p) {
-  const double density = static_cast<double>(p.nnz) / static_cast<double>(p.n * p.segments * kCsrSegment);
-  return density < 0.15 ? p.segments : 4;
 }
 
 // How many nonzeros ahead the 32-wide tile kernel prefetches the x tile row of. A nonzero's tile
@@ -154,14 +95,8 @@ SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin
   const int64_t block_segments = csr_block_segments(p);
   for (int64_t s0 = 0; s0 < p.segments; s0 += block_segments) {
     const int64_t s1 = std::min(p.segments, s0 + block_segments);
-    const int64_t bytes = value_bytes(p.value_type);
     for (int64_t n = n_begin; n < n_end; ++n) {
-      if (s1 - s0 < p.segments && n + kPrefetchRows < n_end) {
-        const int32_t* ahead = p.seg_ptr + (n + kPrefetchRows) * p.segments;
-        prefetch_bytes(static_cast<const char*>(p.values) + ahead[s0] * bytes,
-                       (ahead[s1] - ahead[s0]) * bytes);
-        prefetch_bytes(p.col_offsets + ahead[s0], ahead[s1] - ahead[s0]);
-      }
+      if (s1 - s0 < p.segments && n + kPrefetchRows < n_end) prefetch_row_entries(p, n + kPrefetchRows, s0, s1);
       float* row_partial = partial + (n - n_begin) * kWidth;
       TileAccumulators<kVectors, kSets> acc;
       acc.start(row_partial, s0 == 0);

@@ -78,6 +78,12 @@ constexpr int64_t kSparse24DecodeMaxRows = 4;
 constexpr int64_t kTileWidthSmall = 8;
 constexpr int64_t kTileWidthMedium = 16;
 constexpr int64_t kTileWidthLarge = 32;
+constexpr int64_t kTileWidthXLarge = 64;  // AVX-512 kernels only (see kTileWidthMax)
+
+// Widest tile the AVX2 kernels take, and the AVX-512 ones: a wider tile means fewer passes over
+// the weight, and 64 rows x 4096 columns x 4 bytes = 1 MiB still fits the 2 MiB L2 of the
+// AVX-512 Xeons (M=128, 70% zeros: 64 wide ran 1.15x faster than 32 wide).
+inline int64_t tile_width_max(bool avx512) { return avx512 ? kTileWidthXLarge : kTileWidthLarge; }
 
 // Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
 // (negative, decreasing, past nnz, or a segment of more than 256 entries); the outputs of that
@@ -91,15 +97,24 @@ constexpr int64_t kTileValueScratch = 256;
 bool csr_tile_rows_avx2(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                         float* partial, int32_t* columns, float* values_f32);
 
-// The x_tiles tile of rows m0 .. m0 + width - 1 (width 8, 16 or 32; m0 < m) of x [m, k] (row
+// The x_tiles tile of rows m0 .. m0 + width - 1 (width 8, 16, 32 or 64; m0 < m) of x [m, k] (row
 // stride ldx, fp32 / bf16 / fp16 as x_type), also the BSR kernels' xt tile:
 // tile[c * width + i] = float(x[m0 + i, c]) for m0 + i < m and c < k, 0 for the rest of
 // [k_pad][width] (k_pad >= k). Bit-exact: a widening and a transpose only.
 void transpose_to_tile_avx2(const void* x, OutType x_type, int64_t ldx, int64_t m, int64_t k, int64_t m0,
                             int64_t width, int64_t k_pad, float* tile);
 
+// The same contracts on AVX-512 (sparse_csr_linear_avx512.cpp): tile widths 16, 32 and 64 (width 8
+// runs the AVX2 kernel, which alone uses `partial`).
+bool csr_decode_rows_avx512(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns);
+bool csr_tile_rows_avx512(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
+                          float* partial, int32_t* columns, float* values_f32);
+
 void sparse24_decode_rows_avx2(const Sparse24Problem& p, int64_t n_begin, int64_t n_end);
 void sparse24_tile_rows_avx2(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
                              int64_t n_end, float* partial, float* values_f32);
+// Tile widths 16, 32 and 64 on AVX-512 (sparse24_linear_avx512.cpp); width 8 runs the AVX2 kernel.
+void sparse24_tile_rows_avx512(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
+                               int64_t n_end, float* partial, float* values_f32);
 
 }  // namespace sparseq::cpu

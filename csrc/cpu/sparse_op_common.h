@@ -86,15 +86,16 @@ inline at::Tensor activation_rows(const at::Tensor& x, int64_t k_pad) {
   return rows;
 }
 
-// Tiles of x rows the tile kernels take: 32 wide while 32 rows remain, then 16 and/or 8 wide
-// (at most 7 padding rows wasted, except 9..15 left over).
+// Tiles of x rows the tile kernels take: max_width wide (tile_width_max) while that many rows
+// remain, then halving down to 16, then 16 and/or 8 wide (at most 7 padding rows wasted, except
+// 9..15 left over).
 template <typename Fn>
-void for_each_tile(int64_t m, const Fn& fn) {
+void for_each_tile(int64_t m, int64_t max_width, const Fn& fn) {
   for (int64_t m0 = 0; m0 < m;) {
     const int64_t left = m - m0;
-    const int64_t width = left >= kTileWidthLarge    ? kTileWidthLarge
-                          : left > kTileWidthSmall ? kTileWidthMedium
-                                                   : kTileWidthSmall;
+    int64_t width = max_width;
+    while (width > kTileWidthMedium && left < width) width /= 2;
+    if (width == kTileWidthMedium && left <= kTileWidthSmall) width = kTileWidthSmall;
     fn(m0, width);
     m0 += width;
   }
@@ -131,9 +132,9 @@ inline void transpose_to_tile(const at::Tensor& x, int64_t m0, int64_t width, in
 }
 
 // x_tiles (see SparseActivations): the transpose of x cut into tiles, zero padded.
-inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad) {
+inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad, int64_t max_width) {
   std::vector<std::pair<int64_t, int64_t>> list;
-  for_each_tile(x.size(0), [&](int64_t m0, int64_t width) { list.emplace_back(m0, width); });
+  for_each_tile(x.size(0), max_width, [&](int64_t m0, int64_t width) { list.emplace_back(m0, width); });
   const int64_t padded_rows = list.back().first + list.back().second;
   at::Tensor tiles = at::empty({padded_rows * k_pad}, x.options().dtype(at::kFloat));
   float* dst = tiles.mutable_data_ptr<float>();
@@ -147,11 +148,13 @@ inline at::Tensor activation_tiles(const at::Tensor& x, int64_t k_pad) {
 }
 
 // The activations for the kernels: x_rows for the portable loops and for M <= decode_max_rows,
-// else x_tiles. Returns the tensor that holds them (keep it alive while the kernels run).
-inline at::Tensor prepare_activations(const at::Tensor& x, int64_t k_pad, bool tiles, SparseActivations& act) {
+// else x_tiles of at most max_width rows (see for_each_tile). Returns the tensor that holds them
+// (keep it alive while the kernels run).
+inline at::Tensor prepare_activations(const at::Tensor& x, int64_t k_pad, bool tiles, SparseActivations& act,
+                                      int64_t max_width) {
   act.k_pad = k_pad;
   act.m = x.size(0);
-  at::Tensor storage = tiles ? activation_tiles(x, k_pad) : activation_rows(x, k_pad);
+  at::Tensor storage = tiles ? activation_tiles(x, k_pad, max_width) : activation_rows(x, k_pad);
   (tiles ? act.x_tiles : act.x_rows) = storage.const_data_ptr<float>();
   return storage;
 }

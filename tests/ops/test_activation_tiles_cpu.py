@@ -17,9 +17,9 @@ from .test_int8_cpu import kernel_path  # noqa: E402,F401  (fixture: runs a test
 
 ops = torch.ops.sparseq
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Rows around the 8/16/32-wide tiles (a partial last group of 8 included); columns around the
+# Rows around the 8/16/32/64-wide tiles (a partial last group of 8 included); columns around the
 # 8-column transpose blocks, 16-column 2:4 steps and 256-column CSR segments.
-MS = (5, 8, 13, 40, 71)
+MS = (5, 8, 13, 40, 71, 115)
 KS = (1, 7, 9, 64, 257, 300)
 
 

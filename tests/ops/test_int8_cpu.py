@@ -9,8 +9,8 @@ import torch
 import sparseq
 from sparseq import _ref
 
-from .int8_helpers import (CPU_INT8_PATHS, FLOAT_DTYPES, FUSED_GELU_TOL, _assert_float_close, _gen, _int8, _packed,
-                           select_cpu_int8_path)
+from .int8_helpers import (CPU_KERNEL_PATHS, FLOAT_DTYPES, FUSED_GELU_TOL, _assert_float_close, _gen, _int8, _packed,
+                           select_cpu_kernel_path)
 
 if not sparseq.HAS_EXT:
     pytest.skip(f"sparseq extension not built ({sparseq.EXT_ERROR})", allow_module_level=True)
@@ -18,10 +18,10 @@ if not sparseq.HAS_EXT:
 ops = torch.ops.sparseq
 
 
-@pytest.fixture(params=CPU_INT8_PATHS)
+@pytest.fixture(params=CPU_KERNEL_PATHS)
 def kernel_path(request, monkeypatch):
-    """Runs the test once per CPU path of the int8 core."""
-    select_cpu_int8_path(monkeypatch, request.param)
+    """Runs the test once per CPU kernel path (see select_cpu_kernel_path)."""
+    select_cpu_kernel_path(monkeypatch, request.param)
     return request.param
 
 

@@ -9,20 +9,20 @@ import sparseq
 from sparseq import _ref, ops
 from sparseq.formats import PackedInt8Weight
 
-from .int8_helpers import (CPU_INT8_PATHS, FLOAT_DTYPES, FUSED_GELU_TOL, _assert_float_close, _gen, _int8, _packed,
-                           select_cpu_int8_path)
+from .int8_helpers import (CPU_KERNEL_PATHS, FLOAT_DTYPES, FUSED_GELU_TOL, _assert_float_close, _gen, _int8, _packed,
+                           select_cpu_kernel_path)
 
 needs_ext = pytest.mark.skipif(not sparseq.HAS_EXT, reason=f"sparseq extension not built ({sparseq.EXT_ERROR})")
 
 
-@pytest.fixture(params=CPU_INT8_PATHS + ("reference",))
+@pytest.fixture(params=CPU_KERNEL_PATHS + ("reference",))
 def backend(request, monkeypatch):
     """The compiled CPU kernel on each path, and the reference (which runs without the extension)."""
     if request.param == "reference":
         return "reference"
     if not sparseq.HAS_EXT:
         pytest.skip(f"sparseq extension not built ({sparseq.EXT_ERROR})")
-    select_cpu_int8_path(monkeypatch, request.param)
+    select_cpu_kernel_path(monkeypatch, request.param)
     return "cpu"
 
 

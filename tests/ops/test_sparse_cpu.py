@@ -85,13 +85,14 @@ def _csr_args(packed: SparseCSRWeight):
 def _24_args(packed: Sparse24Weight):
     return packed.values, packed.meta
 
-# (m, k, n, sparsity): odd shapes around the kernels' 8/16-row tiles, 256-column segments and
-# 4-group (16-column) steps.
+# (m, k, n, sparsity): odd shapes around the kernels' 8/16/32/64-row tiles, 256-column segments,
+# 16-entry gathers and 4-group (16-column) steps.
 CSR_SHAPES = [
     (1, 1, 1, 0.0), (1, 3, 7, 0.5), (2, 67, 9, 0.9), (7, 255, 13, 0.5), (8, 256, 17, 0.9),
     (17, 257, 11, 0.0), (33, 300, 5, 0.9), (1, 1000, 19, 0.0), (16, 1000, 3, 0.5), (24, 513, 9, 1.0),
     (1, 300, 9, 1.0), (3, 1000, 21, 0.97),
     (20, 2100, 13, 0.5), (40, 2100, 7, 0.0),  # denser rows: K blocks of 4 segments, the last partial
+    (1, 530, 11, 0.3), (100, 600, 23, 0.7), (130, 257, 9, 0.9),  # AVX-512: gather tails, 64 + 32 + 8 rows
 ]
 
 

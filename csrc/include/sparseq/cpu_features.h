@@ -24,13 +24,25 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
-// AVX-512 VNNI int8 GEMM core (int8_gemm_vnni.cpp): also needs the AVX2 helpers its epilogue
-// shares. SPARSEQ_DISABLE_VNNI=1 falls back to the AVX2 core (tests use it to cover both).
-inline bool cpu_has_avx512_vnni() {
+// AVX-512 (F, BW, VL, DQ) kernels of the sparse ops (*_avx512.cpp): they also call the AVX2
+// helpers. SPARSEQ_DISABLE_AVX512=1 falls back to the AVX2 kernels, VNNI's included (tests use it
+// to cover both).
+inline bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return has && cpu_has_avx2_fma() && !env_flag("SPARSEQ_DISABLE_VNNI");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has && cpu_has_avx2_fma() && !env_flag("SPARSEQ_DISABLE_AVX512");
+#else
+  return false;
+#endif
+}
+
+// AVX-512 VNNI int8 GEMM core (int8_gemm_vnni.cpp). SPARSEQ_DISABLE_VNNI=1 falls back to the AVX2
+// core (tests use it to cover both).
+inline bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has && cpu_has_avx512() && !env_flag("SPARSEQ_DISABLE_VNNI");
 #else
   return false;
 #endif
@@ -49,6 +61,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
 #endif
 #endif
   f["avx2_kernels_enabled"] = cpu_has_avx2_fma();
+  f["avx512_kernels_enabled"] = cpu_has_avx512();
   f["vnni_kernels_enabled"] = cpu_has_avx512_vnni();
   return f;
 }

@@ -1,0 +1,74 @@
+#pragma once
+// Pieces of the CSR kernels shared by sparse_csr_linear_avx2.cpp and sparse_csr_linear_avx512.cpp:
+// the check of a row's segment pointers and the expansion of its uint8 offsets to absolute columns.
+#include <algorithm>
+
+#include "sparse_avx2.h"
+
+namespace sparseq::cpu::avx2 {
+
+// Checks the segment pointers of row n (0 <= start <= ... <= end <= nnz, at most 256 entries per
+// segment) before anything is read through them.
+inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  if (ptr[0] < 0) return false;
+  for (int64_t s = 0; s < p.segments; ++s) {
+    const int64_t count = static_cast<int64_t>(ptr[s + 1]) - ptr[s];
+    if (count < 0 || count > kMaxSegmentEntries || ptr[s + 1] > p.nnz) return false;
+  }
+  return true;
+}
+
+// Writes the absolute columns of row n's segments [s0, s1) to columns[0 ..) (one loop over a
+// row's entries then replaces a loop per segment). Every segment is expanded 32 entries at a
+// time, the first 32 unconditionally (the next segment overwrites the excess; `columns` has 32
+// spare entries), so a typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
+SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  const int64_t start = ptr[s0];
+  for (int64_t s = s0; s < s1; ++s) {
+    const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
+    const int64_t count = ptr[s + 1] - ptr[s];
+    int32_t* out = columns + (ptr[s] - start);
+    int64_t i = 0;
+    do {
+      const int64_t e = ptr[s] + i;
+      alignas(32) uint8_t tail[32] = {};
+      const uint8_t* src = p.col_offsets + e;
+      if (e + 32 > p.nnz) {  // only near the end of the arrays
+        for (int64_t j = 0; e + j < p.nnz; ++j) tail[j] = p.col_offsets[e + j];
+        src = tail;
+      }
+      for (int q = 0; q < 4; ++q) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * q),
+                            _mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base));
+      }
+      i += 32;
+    } while (i < count);
+  }
+}
+
+// Rows ahead whose values and offsets the decode kernels prefetch (the weight streams from DRAM
+// when a model's other layers have pushed it out of cache).
+constexpr int64_t kDecodePrefetchRows = 4;
+
+// Prefetches the values and offsets of row n's segments [s0, s1). The row may not be checked yet:
+// a prefetch never faults, and a malformed count is clamped to what a well-formed row can hold.
+inline void prefetch_row_entries(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1) {
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  const int64_t count = std::clamp<int64_t>(static_cast<int64_t>(ptr[s1]) - ptr[s0], 0, (s1 - s0) * kMaxSegmentEntries);
+  prefetch_bytes(static_cast<const char*>(p.values) + static_cast<int64_t>(ptr[s0]) * value_bytes(p.value_type),
+                 count * value_bytes(p.value_type));
+  prefetch_bytes(p.col_offsets + ptr[s0], count);
+}
+
+// Segments per K block of the tile kernel. A 90%-sparse row touches ~10% of the x tile's rows, so
+// whole rows (the weight streamed in order) run fastest; denser rows touch most of the tile and
+// run fastest with its 4-segment block (64 KiB at width 16) kept close.
+inline int64_t csr_block_segments(const CsrProblem& p) {
+  const double density = static_cast<double>(p.nnz) / static_cast<double>(p.n * p.segments * kCsrSegment);
+  return density < 0.15 ? p.segments : 4;
+}
+
+}  // namespace sparseq::cpu::avx2
