@@ -44,12 +44,12 @@ SPARSEQ_AVX2 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* column
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0], count = ptr[p.segments] - start;
-  if (n + kDecodePrefetchRows < p.n) prefetch_row_entries(p, n + kDecodePrefetchRows, 0, p.segments);
   expand_columns(p, n, 0, p.segments, columns);
   const float* x = p.x.x_rows;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t e = 0;
   for (; e + 16 <= count; e += 16) {
+    prefetch_stream(p, start + e);
     acc0 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e), load8_at(x, columns + e), acc0);
     acc1 = _mm256_fmadd_ps(load8_values(p.values, kValues, start + e + 8), load8_at(x, columns + e + 8), acc1);
   }
@@ -110,11 +110,14 @@ SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin
       }
       expand_columns(p, n, s0, s1, columns);
       int64_t e = 0;
-      for (; e + kSets <= count; e += kSets)
+      const bool whole_rows = s1 - s0 == p.segments;  // else the K-block walk prefetched the row
+      for (; e + kSets <= count; e += kSets) {
+        if (whole_rows && e % 16 == 0) prefetch_stream(p, row_ptr[s0] + e);
         for (int set = 0; set < kSets; ++set) {
           if constexpr (kVectors == 4) prefetch_tile_row(tile + columns[e + set + kTilePrefetchAhead] * kWidth);
           acc.fma(set, w + e + set, tile + columns[e + set] * kWidth);
         }
+      }
       for (; e < count; ++e) acc.fma(0, w + e, tile + columns[e] * kWidth);
       acc.reduce_to(row_partial);
     }

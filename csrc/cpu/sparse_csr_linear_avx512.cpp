@@ -21,12 +21,13 @@ SPARSEQ_AVX512 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* colu
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0], count = ptr[p.segments] - start;
-  if (n + kDecodePrefetchRows < p.n) prefetch_row_entries(p, n + kDecodePrefetchRows, 0, p.segments);
   expand_columns(p, n, 0, p.segments, columns);
   const float* x = p.x.x_rows;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t e = 0;
   for (; e + 32 <= count; e += 32) {
+    prefetch_stream(p, start + e);
+    prefetch_stream(p, start + e + 16);
     const __m512 x0 = _mm512_i32gather_ps(_mm512_loadu_si512(columns + e), x, 4);
     const __m512 x1 = _mm512_i32gather_ps(_mm512_loadu_si512(columns + e + 16), x, 4);
     acc0 = _mm512_fmadd_ps(load16_values(p.values, kValues, start + e), x0, acc0);
@@ -73,8 +74,10 @@ SPARSEQ_AVX512 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_beg
     Accumulators acc;
     acc.zero();
     int64_t e = 0;
-    for (; e + kSets <= count; e += kSets)
+    for (; e + kSets <= count; e += kSets) {
+      if (e % 16 == 0) prefetch_stream(p, row_ptr[0] + e);
       for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, tile + columns[e + set] * kWidth);
+    }
     for (; e < count; ++e) acc.fma(0, w + e, tile + columns[e] * kWidth);
     acc.reduce_to(result);
     return true;
