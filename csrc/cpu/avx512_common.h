@@ -63,13 +63,7 @@ struct TileAccumulators512 {
       _mm512_storeu_ps(out + 16 * t, sum);
     }
   }
-  SPARSEQ_AVX512 void reduce_to(float* out) const {
-    for (int t = 0; t < kVectors; ++t) {
-      __m512 sum = v[0][t];
-      for (int s = 1; s < kSets; ++s) sum = _mm512_add_ps(sum, v[s][t]);
-      _mm512_storeu_ps(out + 16 * t, sum);
-    }
-  }
+  SPARSEQ_AVX512 void reduce_to(float* out) const { add_to(out, true); }
 };
 
 }  // namespace sparseq::cpu::avx512

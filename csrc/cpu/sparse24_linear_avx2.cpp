@@ -5,7 +5,7 @@
 // rows): the same engine as CSR, each stored value one broadcast + FMAs against its x_tiles row.
 #include <algorithm>
 
-#include "sparse_avx2.h"
+#include "sparse_tile_walks.h"
 
 namespace sparseq::cpu {
 namespace {
@@ -77,56 +77,15 @@ SPARSEQ_AVX2 void sparse24_decode_rows(const Sparse24Problem& p, int64_t n_begin
   });
 }
 
-// Tile rows, one K block at a time across all rows (see store_partials): every row reads about
-// half of the tile's rows in a block, so the block is sized to stay in L1 (16 KiB).
+// Tile rows through the shared walk, in K blocks of 16 KiB of the tile (L1 of the Zen 3 cores).
 template <int kVectors>
 SPARSEQ_AVX2 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64_t n_begin, int64_t n_end,
                                      float* partial, float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
   constexpr int64_t kBlockGroups = 16 * 1024 / (4 * kWidth * sizeof(float));
-  constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
-  const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
-  const int64_t groups = p.groups, meta_bytes = (groups + 1) / 2;
-  for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
-    const int64_t g1 = std::min(groups, g0 + kBlockGroups);
-    const int64_t bytes = value_bytes(p.value_type);
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      if (n + kPrefetchRows < n_end) {
-        const int64_t ahead = n + kPrefetchRows;
-        prefetch_bytes(static_cast<const char*>(p.values) + (ahead * 2 * groups + 2 * g0) * bytes,
-                       2 * (g1 - g0) * bytes);
-        prefetch_bytes(p.meta + ahead * meta_bytes + g0 / 2, (g1 - g0 + 1) / 2);
-      }
-      const uint8_t* meta = p.meta + n * meta_bytes;
-      const int64_t value_begin = n * 2 * groups + 2 * g0;
-      const float* w = static_cast<const float*>(p.values) + value_begin;
-      if (p.value_type != ValueType::kFloat32) {
-        widen_values(p.values, p.value_type, value_begin, 2 * (g1 - g0), values_f32);
-        w = values_f32;
-      }
-      w -= 2 * g0;  // indexed by group below
-      float* row_partial = partial + (n - n_begin) * kWidth;
-      TileAccumulators<kVectors, kSets> acc;
-      acc.start(row_partial, g0 == 0);
-      // A meta byte covers 2 groups = 8 columns and 4 stored values, one per accumulator set.
-      int64_t g = g0;
-      for (; g + 2 <= g1; g += 2) {
-        const uint32_t bits = meta[g / 2];
-        const float* x8 = tile + 4 * g * kWidth;
-        acc.fma(0, w + 2 * g, x8 + (bits & 3) * kWidth);
-        acc.fma(1, w + 2 * g + 1, x8 + ((bits >> 2) & 3) * kWidth);
-        acc.fma(2 % kSets, w + 2 * g + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
-        acc.fma(3 % kSets, w + 2 * g + 3, x8 + (4 + (bits >> 6)) * kWidth);
-      }
-      if (g < g1) {  // the odd last group
-        const uint32_t bits = meta[g / 2];
-        acc.fma(0, w + 2 * g, tile + (4 * g + (bits & 3)) * kWidth);
-        acc.fma(1, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
-      }
-      acc.reduce_to(row_partial);
-    }
-  }
-  store_partials(p.epilogue, partial, kWidth, n_begin, n_end, m0, std::min<int64_t>(p.x.m - m0, kWidth));
+  static_assert(2 * kBlockGroups <= kTileValueScratch, "a block's widened values must fit values_f32");
+  using Accumulators = TileAccumulators<kVectors, kVectors == 4 ? 2 : 4>;  // 8 independent FMA chains
+  sparse24_tile_walk<kWidth, Accumulators>(p, m0, n_begin, n_end, kBlockGroups, partial, values_f32);
 }
 
 }  // namespace

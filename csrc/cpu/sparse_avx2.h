@@ -72,19 +72,14 @@ SPARSEQ_AVX2 inline void store_result_block(const SparseEpilogue& ep, const Resu
 
 // Accumulators of one output row against one x tile: kSets independent sets (the FMA chains of
 // consecutive nonzeros interleave, hiding FMA latency) of kVectors ymm (tile width 8 * kVectors).
-template <int kVectors, int kSets>
+template <int kVectors, int kSetCount>
 struct TileAccumulators {
+  static constexpr int kSets = kSetCount;
   __m256 v[kSets][kVectors];
 
   SPARSEQ_AVX2 void zero() {
     for (int s = 0; s < kSets; ++s)
       for (int t = 0; t < kVectors; ++t) v[s][t] = _mm256_setzero_ps();
-  }
-  // Continues the partial sums of earlier K blocks (none when first).
-  SPARSEQ_AVX2 void start(const float* partial, bool first) {
-    zero();
-    if (!first)
-      for (int t = 0; t < kVectors; ++t) v[0][t] = _mm256_loadu_ps(partial + 8 * t);
   }
   // acc[set] += value * x_tiles row (x_row points at that row of the tile).
   SPARSEQ_AVX2 void fma(int set, const float* value, const float* x_row) {
@@ -92,9 +87,11 @@ struct TileAccumulators {
     for (int t = 0; t < kVectors; ++t) v[set][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x_row + 8 * t), v[set][t]);
   }
   // Sums the sets into `out` (tile width floats).
-  SPARSEQ_AVX2 void reduce_to(float* out) const {
+  SPARSEQ_AVX2 void reduce_to(float* out) const { add_to(out, true); }
+  // out = (first ? 0 : out) + the sets' sum: continues the partial sums of earlier K blocks.
+  SPARSEQ_AVX2 void add_to(float* out, bool first) const {
     for (int t = 0; t < kVectors; ++t) {
-      __m256 sum = v[0][t];
+      __m256 sum = first ? v[0][t] : _mm256_add_ps(_mm256_loadu_ps(out + 8 * t), v[0][t]);
       for (int s = 1; s < kSets; ++s) sum = _mm256_add_ps(sum, v[s][t]);
       _mm256_storeu_ps(out + 8 * t, sum);
     }

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "sparse_csr_avx2.h"
+#include "sparse_tile_walks.h"
 
 namespace sparseq::cpu {
 namespace {
@@ -70,25 +70,12 @@ SPARSEQ_AVX2 bool csr_decode_rows(const CsrProblem& p, int64_t n_begin, int64_t 
   });
 }
 
-// How many nonzeros ahead the 32-wide tile kernel prefetches the x tile row of. A nonzero's tile
-// row (two cache lines at width 32) sits at a random place in a 512 KiB tile at K=4096, and
-// without the prefetch most FMAs waited on it (M=128: about 1.4x faster with it). At widths 8 and
-// 16 (one line or less) it measured no better. The columns buffer holds 32 spare entries past any
-// row's count (see expand_columns), so reading ahead stays inside it; a stale entry only
-// prefetches some tile row.
-constexpr int64_t kTilePrefetchAhead = 16;
-
-SPARSEQ_AVX2 inline void prefetch_tile_row(const float* row) {
-  _mm_prefetch(reinterpret_cast<const char*>(row), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(row + 16), _MM_HINT_T0);
-}
-
 // Tile rows, K block by K block across all rows (see store_partials).
 template <int kVectors>
 SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                                 int32_t* columns, float* values_f32) {
   constexpr int kWidth = 8 * kVectors;
-  constexpr int kSets = kVectors == 4 ? 2 : 4;  // 8 independent accumulator chains
+  using Accumulators = TileAccumulators<kVectors, kVectors == 4 ? 2 : 4>;  // 8 independent FMA chains
   for (int64_t n = n_begin; n < n_end; ++n)
     if (!row_segments_valid(p, n)) return false;
   const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
@@ -97,29 +84,10 @@ SPARSEQ_AVX2 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin
     const int64_t s1 = std::min(p.segments, s0 + block_segments);
     for (int64_t n = n_begin; n < n_end; ++n) {
       if (s1 - s0 < p.segments && n + kPrefetchRows < n_end) prefetch_row_entries(p, n + kPrefetchRows, s0, s1);
-      float* row_partial = partial + (n - n_begin) * kWidth;
-      TileAccumulators<kVectors, kSets> acc;
-      acc.start(row_partial, s0 == 0);
-      // The block's entries are contiguous: widen them once, expand their columns once.
-      const int32_t* row_ptr = p.seg_ptr + n * p.segments;
-      const int64_t count = row_ptr[s1] - row_ptr[s0];
-      const float* w = static_cast<const float*>(p.values) + row_ptr[s0];
-      if (p.value_type != ValueType::kFloat32) {
-        widen_values(p.values, p.value_type, row_ptr[s0], count, values_f32);
-        w = values_f32;
-      }
-      expand_columns(p, n, s0, s1, columns);
-      int64_t e = 0;
-      const bool whole_rows = s1 - s0 == p.segments;  // else the K-block walk prefetched the row
-      for (; e + kSets <= count; e += kSets) {
-        if (whole_rows && e % 16 == 0) prefetch_stream(p, row_ptr[s0] + e);
-        for (int set = 0; set < kSets; ++set) {
-          if constexpr (kVectors == 4) prefetch_tile_row(tile + columns[e + set + kTilePrefetchAhead] * kWidth);
-          acc.fma(set, w + e + set, tile + columns[e + set] * kWidth);
-        }
-      }
-      for (; e < count; ++e) acc.fma(0, w + e, tile + columns[e] * kWidth);
-      acc.reduce_to(row_partial);
+      Accumulators acc;
+      acc.zero();
+      csr_row_walk<kWidth, kVectors == 4>(p, n, s0, s1, tile, columns, values_f32, acc);
+      acc.add_to(partial + (n - n_begin) * kWidth, s0 == 0);
     }
   }
   store_partials(p.epilogue, partial, kWidth, n_begin, n_end, m0, std::min<int64_t>(p.x.m - m0, kWidth));

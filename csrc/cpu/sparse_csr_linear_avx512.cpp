@@ -8,7 +8,7 @@
 #include <algorithm>
 
 #include "avx512_common.h"
-#include "sparse_csr_avx2.h"
+#include "sparse_tile_walks.h"
 
 namespace sparseq::cpu {
 namespace {
@@ -56,29 +56,14 @@ template <int kVectors>
 SPARSEQ_AVX512 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, int32_t* columns,
                                   float* values_f32) {
   constexpr int kWidth = 16 * kVectors;
-  using Accumulators = TileAccumulators512<kVectors>;
-  constexpr int kSets = Accumulators::kSets;
   for (int64_t n = n_begin; n < n_end; ++n)
     if (!row_segments_valid(p, n)) return false;
   const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
   const int64_t m_count = std::min<int64_t>(p.x.m - m0, kWidth);
   return for_row_blocks(p.epilogue, n_begin, n_end, m0, m_count, [&](int64_t n, float* result) SPARSEQ_AVX512 {
-    const int32_t* row_ptr = p.seg_ptr + n * p.segments;
-    const int64_t count = row_ptr[p.segments] - row_ptr[0];
-    const float* w = static_cast<const float*>(p.values) + row_ptr[0];
-    if (p.value_type != ValueType::kFloat32) {
-      widen_values(p.values, p.value_type, row_ptr[0], count, values_f32);
-      w = values_f32;
-    }
-    expand_columns(p, n, 0, p.segments, columns);
-    Accumulators acc;
+    TileAccumulators512<kVectors> acc;
     acc.zero();
-    int64_t e = 0;
-    for (; e + kSets <= count; e += kSets) {
-      if (e % 16 == 0) prefetch_stream(p, row_ptr[0] + e);
-      for (int set = 0; set < kSets; ++set) acc.fma(set, w + e + set, tile + columns[e + set] * kWidth);
-    }
-    for (; e < count; ++e) acc.fma(0, w + e, tile + columns[e] * kWidth);
+    csr_row_walk<kWidth, false>(p, n, 0, p.segments, tile, columns, values_f32, acc);
     acc.reduce_to(result);
     return true;
   });
