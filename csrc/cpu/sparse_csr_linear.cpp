@@ -63,7 +63,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
       if (!tiles)
         return use_avx512 ? csr_decode_rows_avx512(p, n0, n1, columns.data())
                           : csr_decode_rows_avx2(p, n0, n1, columns.data());
-      std::vector<float> partial((n1 - n0) * kTileWidthLarge), values_f32(p.x.k_pad);
+      std::vector<float> partial((n1 - n0) * max_width), values_f32(p.x.k_pad);
       bool chunk_ok = true;
       for_each_tile(m, max_width, [&](int64_t m0, int64_t width) {
         const auto tile_rows = use_avx512 ? csr_tile_rows_avx512 : csr_tile_rows_avx2;

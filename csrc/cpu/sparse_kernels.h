@@ -105,7 +105,7 @@ void transpose_to_tile_avx2(const void* x, OutType x_type, int64_t ldx, int64_t 
                             int64_t width, int64_t k_pad, float* tile);
 
 // The same contracts on AVX-512 (sparse_csr_linear_avx512.cpp): tile widths 16, 32 and 64 (width 8
-// runs the AVX2 kernel, which alone uses `partial`).
+// runs the AVX2 kernel); `partial` holds (n_end - n_begin) * width floats.
 bool csr_decode_rows_avx512(const CsrProblem& p, int64_t n_begin, int64_t n_end, int32_t* columns);
 bool csr_tile_rows_avx512(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                           float* partial, int32_t* columns, float* values_f32);
