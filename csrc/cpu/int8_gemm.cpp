@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "int8_kernels.h"
+#include "op_common.h"
 #include "parallel_tiles.h"
 #include "sparseq/checks.h"
 #include "sparseq/cpu_features.h"
@@ -72,31 +73,34 @@ bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, i
   return true;
 }
 
-GemmKernel best_gemm_kernel() {
+GemmKernel best_gemm_kernel(int64_t m) {
+  if (m >= kAmxMinRows && cpu_has_amx_int8()) return GemmKernel::kAmx;
   if (cpu_has_avx512_vnni()) return GemmKernel::kAvx512Vnni;
   return cpu_has_avx2_fma() ? GemmKernel::kAvx2 : GemmKernel::kPortable;
 }
 
 bool run_gemm(const GemmProblem& p, GemmKernel kernel) {
-  TORCH_CHECK(kernel != GemmKernel::kAvx512Vnni || p.a_sign == nullptr,
-              "sparseq: internal error: the VNNI int8 core takes the offset form only");
+  TORCH_CHECK(!takes_offset_form(kernel) || p.a_sign == nullptr,
+              "sparseq: internal error: the VNNI and AMX int8 cores take the offset form only");
   const int64_t n_blocks = packed_blocks_n(p.n);
   const int64_t bytes_per_row = std::max<int64_t>(1, p.lda) * (p.a_sign != nullptr ? 2 : 1);
-  // The VNNI core's row tiles are 6 high; the AVX2 core's 4.
-  const int64_t row_multiple = kernel == GemmKernel::kAvx512Vnni ? 6 : 4;
+  // Row tiles are 16 high in the AMX core, 6 in the VNNI core, 4 in the AVX2 core.
+  const int64_t row_multiple = kernel == GemmKernel::kAmx ? 16 : kernel == GemmKernel::kAvx512Vnni ? 6 : 4;
   const int64_t chunk_rows = std::max<int64_t>(row_multiple, kActivationChunkBytes / bytes_per_row / row_multiple * row_multiple);
   std::atomic<bool> exact{true};
   parallel_tiles(p.m, n_blocks, p.k_quads * 4, chunk_rows, row_multiple,
                  [&](int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
                    bool ok = true;
                    switch (kernel) {
+                     case GemmKernel::kAmx: ok = gemm_tiles_amx(p, m0, m1, nb0, nb1); break;
                      case GemmKernel::kAvx512Vnni: ok = gemm_tiles_avx512_vnni(p, m0, m1, nb0, nb1); break;
                      case GemmKernel::kAvx2: ok = gemm_tiles_avx2(p, m0, m1, nb0, nb1); break;
                      default: ok = gemm_tiles_portable(p, m0, m1, nb0, nb1);
                    }
                    if (!ok) exact.store(false);
                  },
-                 kernel == GemmKernel::kAvx512Vnni ? 4 : 1);  // the VNNI core's 64-column panels
+                 // column panels: the VNNI core's 4 blocks, the AMX core's 2
+                 kernel == GemmKernel::kAvx512Vnni ? 4 : kernel == GemmKernel::kAmx ? 2 : 1);
   return exact.load();
 }
 
@@ -233,14 +237,18 @@ at::Tensor int8_gemm_impl(const at::Tensor& a, const at::Tensor& b, GemmKernel k
   const int8_t* a_data = a.const_data_ptr<int8_t>();
   const int8_t* b_data = b.const_data_ptr<int8_t>();
 
-  const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
+  const int64_t k_quads = packed_quads_k(k);
+  const ActivationLayout layout = gemm_activation_layout(kernel, m, k_quads);
+  const int64_t lda = layout.lda;
   at::Tensor b_packed = at::empty({packed_blocks_n(n), k_quads, kPackN, kPackK}, b.options());
   pack_n16k4(b_data, n, k, b_packed.mutable_data_ptr<int8_t>());
-  at::Tensor a_u = at::empty({m, lda}, a.options().dtype(at::kByte));
+  at::Tensor a_u = at::empty({layout.rows, lda}, a.options().dtype(at::kByte));
+  zero_padding_rows(a_u, m);
   GemmProblem p;
   at::Tensor a_sign, b_rowsum;
-  if (kernel == GemmKernel::kAvx512Vnni) {
-    // vpdpbusd is exact for every u8 x s8: a + 128, corrected by 128 * rowsum (no -128 issue).
+  if (takes_offset_form(kernel)) {
+    // vpdpbusd / tdpbusd are exact for every u8 x s8: a + 128, corrected by 128 * rowsum (no
+    // -128 issue).
     offset_by_128(a_data, m, k, lda, a_u.mutable_data_ptr<uint8_t>());
     b_rowsum = at::empty({n}, a.options().dtype(at::kInt));
     row_sums(b_data, n, k, b_rowsum.mutable_data_ptr<int32_t>());
@@ -271,7 +279,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_matrix(b, "b");
   TORCH_CHECK(a.size(1) == b.size(1), "sparseq: int8_gemm needs a [M,K] and b [N,K] with the same K, got a ",
               a.sizes(), " and b ", b.sizes());
-  return int8_gemm_impl(a, b, best_gemm_kernel());
+  return int8_gemm_impl(a, b, best_gemm_kernel(a.size(0)));
 }
 
 }  // namespace

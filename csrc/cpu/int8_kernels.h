@@ -53,10 +53,34 @@ bool gemm_tiles_portable(const GemmProblem& p, int64_t m_begin, int64_t m_end, i
 bool gemm_tiles_avx512_vnni(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin,
                             int64_t nb_end);
 
-// Which micro-kernels run the core, best first; chosen per call from the CPU's features and the
-// SPARSEQ_DISABLE_VNNI / SPARSEQ_DISABLE_AVX2 switches (see sparseq/cpu_features.h).
-enum class GemmKernel : int { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2 };
-GemmKernel best_gemm_kernel();
+// AMX-INT8 (tdpbusd on 16 x 64-byte tiles): the offset form as VNNI, on an activation operand
+// laid out by gemm_activation_layout; row chunks start at multiples of 16.
+bool gemm_tiles_amx(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t nb_begin, int64_t nb_end);
+
+// Which micro-kernels run the core; chosen per call from the CPU's features, the SPARSEQ_DISABLE_*
+// switches (see sparseq/cpu_features.h) and M.
+enum class GemmKernel : int { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
+GemmKernel best_gemm_kernel(int64_t m);
+
+// Below this many rows the AMX core's 16-row tiles compute mostly padding: VNNI runs instead.
+constexpr int64_t kAmxMinRows = 16;
+
+// VNNI and AMX multiply u8 x s8 exactly, so they take the offset form only (a_sign == nullptr).
+inline bool takes_offset_form(GemmKernel kernel) {
+  return kernel == GemmKernel::kAvx512Vnni || kernel == GemmKernel::kAmx;
+}
+
+// The activation operand a kernel reads for m rows of k_quads K-quads: lda bytes per row and
+// `rows` rows, zero padded past m rows and 4 * k_quads columns (AMX tiles read 16 rows and 64
+// bytes at a time: lda a multiple of 64, rows of 16).
+struct ActivationLayout {
+  int64_t lda;
+  int64_t rows;
+};
+inline ActivationLayout gemm_activation_layout(GemmKernel kernel, int64_t m, int64_t k_quads) {
+  if (kernel == GemmKernel::kAmx) return {(4 * k_quads + 63) / 64 * 64, (m + 15) / 16 * 16};
+  return {4 * k_quads, m};
+}
 
 // Runs the core over the whole problem with at::parallel_for (defined in int8_gemm.cpp).
 // Returns false as gemm_tiles_* does.

@@ -114,15 +114,18 @@ at::Tensor int8_linear_impl(const at::Tensor& x, const at::Tensor& w_packed, con
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
 
-  const GemmKernel kernel = best_gemm_kernel();
+  const GemmKernel kernel = best_gemm_kernel(m);
   const bool use_avx2 = kernel != GemmKernel::kPortable;
   const int32_t qmax = static_cast<int32_t>(act_qmax);
   // Activations go unsigned as q + qmax + 1, corrected by (qmax + 1) * rowsum in the epilogue,
-  // wherever the core is exact for them: always with VNNI, and for 7-bit ones (q + 64 in
+  // wherever the core is exact for them: always with VNNI and AMX, and for 7-bit ones (q + 64 in
   // [1, 127]) with AVX2's vpmaddubsw, the fastest AVX2 path. 8-bit ones on AVX2 use the sign trick.
-  const bool offset_form = qmax == 63 || kernel == GemmKernel::kAvx512Vnni;
-  const int64_t k_quads = packed_quads_k(k), lda = 4 * k_quads;
-  at::Tensor a_u = at::empty({m, lda}, x.options().dtype(at::kByte));
+  const bool offset_form = qmax == 63 || takes_offset_form(kernel);
+  const int64_t k_quads = packed_quads_k(k);
+  const ActivationLayout layout = gemm_activation_layout(kernel, m, k_quads);
+  const int64_t lda = layout.lda;
+  at::Tensor a_u = at::empty({layout.rows, lda}, x.options().dtype(at::kByte));
+  zero_padding_rows(a_u, m);
   at::Tensor a_sign;
   if (!offset_form) a_sign = at::empty({m, lda}, x.options().dtype(at::kChar));
   at::Tensor x_scale = at::empty({m}, x.options().dtype(at::kFloat));

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <cstring>
+
 #include "int8_kernels.h"
 
 namespace sparseq::cpu {
@@ -22,6 +24,12 @@ inline at::Tensor bias_as_float(const c10::optional<at::Tensor>& bias) {
   if (!bias.has_value()) return at::Tensor();
   if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return *bias;
   return bias->to(at::kFloat).contiguous();
+}
+
+// Zeroes the rows of a [rows, lda] u8 activation operand past the first m (the padding rows that
+// gemm_activation_layout adds for the AMX core: its tiles read them, and their outputs are dropped).
+inline void zero_padding_rows(at::Tensor& a_u, int64_t m) {
+  if (a_u.size(0) > m) std::memset(a_u.mutable_data_ptr<uint8_t>() + m * a_u.size(1), 0, (a_u.size(0) - m) * a_u.size(1));
 }
 
 inline const float* float_ptr_or_null(const at::Tensor& t) {

@@ -51,25 +51,29 @@ def _assert_float_close(out: torch.Tensor, ref: torch.Tensor, exact_fp32: torch.
         torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=1e-6 * scale + 1e-30)
 
 
-CPU_KERNEL_PATHS = ("avx512", "avx2", "portable")
+CPU_KERNEL_PATHS = ("amx", "avx512", "avx2", "portable")
 
 
 def select_cpu_kernel_path(monkeypatch, path: str) -> None:
-    """Make the CPU ops run on ``path`` (the switches are read on every op call): "avx512" (the
-    AVX-512 kernels, the int8 core's VNNI one included where the CPU has VNNI), "avx2" (AVX-512
-    switched off) or "portable" (AVX2 switched off too). Skips the test where this CPU lacks the
-    path."""
+    """Make the CPU ops run on ``path`` (the switches are read on every op call): "amx" (every
+    kernel this CPU has: the int8 core's AMX one from 16 rows), "avx512" (AMX switched off: the
+    AVX-512 kernels, the int8 core's VNNI one where the CPU has VNNI), "avx2" (AVX-512 switched
+    off) or "portable" (AVX2 switched off too). Skips the test where this CPU lacks the path."""
     import pytest
 
     monkeypatch.setenv("SPARSEQ_DISABLE_AVX2", "1" if path == "portable" else "0")
-    monkeypatch.setenv("SPARSEQ_DISABLE_AVX512", "0" if path == "avx512" else "1")
+    monkeypatch.setenv("SPARSEQ_DISABLE_AVX512", "0" if path in ("amx", "avx512") else "1")
+    monkeypatch.setenv("SPARSEQ_DISABLE_AMX", "0" if path == "amx" else "1")
     monkeypatch.delenv("SPARSEQ_DISABLE_VNNI", raising=False)
     features = sparseq._C.cpu_features()
     if path != "portable" and not features["avx2_kernels_enabled"]:
         pytest.skip("this CPU has no AVX2/FMA/F16C")
-    if path == "avx512" and not features["avx512_kernels_enabled"]:
+    if path in ("amx", "avx512") and not features["avx512_kernels_enabled"]:
         pytest.skip("this CPU has no AVX-512 (F, BW, VL, DQ)")
+    if path == "amx" and not features["amx_kernels_enabled"]:
+        pytest.skip("this CPU (or its OS) offers no AMX-INT8")
     assert features["avx2_kernels_enabled"] == (path != "portable")
-    assert features["avx512_kernels_enabled"] == (path == "avx512")
-    if path != "avx512":
+    assert features["avx512_kernels_enabled"] == (path in ("amx", "avx512"))
+    assert features["amx_kernels_enabled"] == (path == "amx")
+    if path not in ("amx", "avx512"):
         assert not features["vnni_kernels_enabled"]

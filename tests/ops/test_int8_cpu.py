@@ -80,9 +80,23 @@ def test_int8_gemm_many_rows(kernel_path):
     assert torch.equal(ops.int8_gemm(a, b), _ref.int8_gemm(a, b))
 
 
+# The AMX core's tiles: 16-row tiles in pairs (and a single one), 16-column blocks in pairs (and a
+# single one), whole 64-value K steps plus a partial last step, several row chunks per thread.
+@pytest.mark.parametrize("m,k,n", [(33, 300, 70), (130, 1000, 49), (600, 128, 40), (48, 64, 16)])
+def test_int8_gemm_tile_shapes(kernel_path, m, k, n):
+    gen = _gen(m + k + n)
+    a, b = _int8((m, k), "random", gen), _int8((n, k), "random", gen)
+    assert torch.equal(ops.int8_gemm(a, b), _ref.int8_gemm(a, b))
+    x = torch.randn(m, k, generator=gen)
+    pw = _packed(n, k, gen)
+    out = ops.int8_linear(x, pw.packed, pw.scale, pw.rowsum, None, 127)
+    _assert_float_close(out, _ref.int8_linear(x, pw.packed, pw.scale, pw.rowsum, None, 127))
+
+
 def test_int8_gemm_large_k_accumulates_in_int32(kernel_path):
-    # K = 4099 at full magnitude: every pair sum and the int32 total must stay exact.
-    a = torch.full((5, 4099), -128, dtype=torch.int8)
+    # K = 4099 at full magnitude: every pair sum and the int32 total must stay exact (M = 21:
+    # the AMX core too).
+    a = torch.full((21, 4099), -128, dtype=torch.int8)
     b = torch.full((18, 4099), -128, dtype=torch.int8)
     b[::2] = 127
     assert torch.equal(ops.int8_gemm(a, b), _ref.int8_gemm(a, b))

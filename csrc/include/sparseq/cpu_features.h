@@ -6,6 +6,11 @@
 #include <map>
 #include <string>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace sparseq {
 
 inline bool env_flag(const char* name) {
@@ -48,6 +53,30 @@ inline bool cpu_has_avx512_vnni() {
 #endif
 }
 
+// Whether the OS lets this process use the AMX tile registers: Linux hands out their 8 KiB of
+// state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; an AMX instruction
+// without it is SIGILL). Asked once, for the whole process.
+inline bool os_allows_amx() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool allowed = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return allowed;
+#else
+  return false;
+#endif
+}
+
+// AMX-INT8 GEMM core (int8_gemm_amx.cpp), which shares the VNNI core's operand form and epilogue.
+// SPARSEQ_DISABLE_AMX=1 (or any switch that turns VNNI off) falls back to VNNI.
+inline bool cpu_has_amx_int8() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && os_allows_amx();
+  return has && cpu_has_avx512_vnni() && !env_flag("SPARSEQ_DISABLE_AMX");
+#else
+  return false;
+#endif
+}
+
 inline std::map<std::string, bool> cpu_features_dict() {
   std::map<std::string, bool> f;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -56,6 +85,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
   f["f16c"] = __builtin_cpu_supports("f16c");
   f["avx512f"] = __builtin_cpu_supports("avx512f");
   f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
+  f["amx_int8"] = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8");
 #if defined(__GNUC__) && __GNUC__ >= 11
   f["avxvnni"] = __builtin_cpu_supports("avxvnni");
 #endif
@@ -63,6 +93,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
   f["avx2_kernels_enabled"] = cpu_has_avx2_fma();
   f["avx512_kernels_enabled"] = cpu_has_avx512();
   f["vnni_kernels_enabled"] = cpu_has_avx512_vnni();
+  f["amx_kernels_enabled"] = cpu_has_amx_int8();
   return f;
 }
 
