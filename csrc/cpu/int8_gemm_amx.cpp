@@ -2,7 +2,8 @@
 // Xeons). One tdpbusd multiplies a 16-row x 64-byte u8 tile by a tile of 16 K-quads x 16 columns
 // of s8 into 16 x 16 int32, 16384 multiply-adds where vpdpbusd does 64. The n16k4 packed weight
 // already is that B layout (a block's K-quads are contiguous 64-byte rows), so weights load as
-// they are. Exact like vpdpbusd: activations in the offset form, corrected by the shared epilogue.
+// they are. Exact like vpdpbusd: activations in the offset form, corrected by the shared epilogue
+// (its 16-column form: at K = 384 the epilogue costs more than the tile multiplies).
 // The caller pads the activation operand (gemm_activation_layout): rows to a multiple of 16 and
 // lda to a multiple of 64, zero filled, so that every A tile reads inside it.
 // No torch headers here (see int8_kernels.h).
@@ -10,14 +11,14 @@
 #include <cstdint>
 #include <cstring>
 
-#include "int8_epilogue_avx2.h"
+#include "int8_epilogue_avx512.h"
 
-#define SPARSEQ_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+#define SPARSEQ_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
 
 namespace sparseq::cpu {
 namespace {
 
-using namespace avx2;
+using namespace avx512_epilogue;
 
 // Palette 1: tiles 0..3 accumulate C ([row tile][column block] = 2 x 2 of 16 x 16 int32), 4..5
 // hold A (two 16-row tiles), 6..7 hold B (two 16-column blocks); every tile 16 rows x 64 bytes.
@@ -73,20 +74,13 @@ SPARSEQ_AMX void tile_block(const GemmProblem& p, int64_t m0, int64_t nb0, const
   if constexpr (NT == 2) _tile_stored(1, c[1], 64);
   if constexpr (MT == 2) _tile_stored(2, c[2], 64);
   if constexpr (MT == 2 && NT == 2) _tile_stored(3, c[3], 64);
-  for (int mt = 0; mt < MT; ++mt) {
-    for (int64_t r = 0; r < kTileRows; ++r) {
-      const int64_t m = m0 + mt * kTileRows + r;
-      if (m >= p.m) break;  // a padding row
-      for (int nt = 0; nt < NT; ++nt) {
-        for (int h = 0; h < 2; ++h) {
-          const int64_t n0 = (nb0 + nt) * 16 + h * 8;
-          const int64_t left = p.n - n0;
-          if (left <= 0) break;
-          store_acc8(p, m, n0, left >= 8 ? 8 : static_cast<int>(left),
-                     _mm256_load_si256(reinterpret_cast<const __m256i*>(c[mt * 2 + nt][r] + 8 * h)));
-        }
-      }
-    }
+  for (int nt = 0; nt < NT; ++nt) {
+    const int64_t n0 = (nb0 + nt) * 16;
+    if (n0 >= p.n) break;  // the padding block of an odd N
+    const ColumnBlock columns = load_column_block(p, n0, static_cast<int>(std::min<int64_t>(16, p.n - n0)));
+    for (int mt = 0; mt < MT; ++mt)
+      for (int64_t r = 0; r < kTileRows && m0 + mt * kTileRows + r < p.m; ++r)  // not the padding rows
+        store_row16(p, columns, m0 + mt * kTileRows + r, n0, _mm512_load_si512(c[mt * 2 + nt][r]));
   }
 }
 
