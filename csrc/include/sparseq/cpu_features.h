@@ -11,6 +11,15 @@
 #include <unistd.h>
 #endif
 
+// Whether this compiler builds the AMX core (its intrinsics and __builtin_cpu_supports names came
+// with GCC 11 and clang 12); without it the AMX core is never chosen.
+#if (defined(__x86_64__) || defined(_M_X64)) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define SPARSEQ_AMX_COMPILER 1
+#else
+#define SPARSEQ_AMX_COMPILER 0
+#endif
+
 namespace sparseq {
 
 inline bool env_flag(const char* name) {
@@ -69,7 +78,7 @@ inline bool os_allows_amx() {
 // AMX-INT8 GEMM core (int8_gemm_amx.cpp), which shares the VNNI core's operand form and epilogue.
 // SPARSEQ_DISABLE_AMX=1 (or any switch that turns VNNI off) falls back to VNNI.
 inline bool cpu_has_amx_int8() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if SPARSEQ_AMX_COMPILER
   static const bool has = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && os_allows_amx();
   return has && cpu_has_avx512_vnni() && !env_flag("SPARSEQ_DISABLE_AMX");
 #else
@@ -85,7 +94,9 @@ inline std::map<std::string, bool> cpu_features_dict() {
   f["f16c"] = __builtin_cpu_supports("f16c");
   f["avx512f"] = __builtin_cpu_supports("avx512f");
   f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
+#if SPARSEQ_AMX_COMPILER
   f["amx_int8"] = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8");
+#endif
 #if defined(__GNUC__) && __GNUC__ >= 11
   f["avxvnni"] = __builtin_cpu_supports("avxvnni");
 #endif
