@@ -118,7 +118,9 @@ SPARSEQ_AVX2 inline bool for_row_blocks(const SparseEpilogue& ep, int64_t n_begi
 // prefetchers (they stop at 4 KiB pages) do not follow.
 constexpr int64_t kPrefetchRows = 4;
 
-inline void prefetch_bytes(const void* p, int64_t bytes) {
+// Always inlined: GCC 12 drops the prefetches of a plain inline helper called from an
+// always_inline walk (sparse_tile_walks.h); forced inline they stay.
+inline __attribute__((always_inline)) void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }

@@ -53,7 +53,7 @@ SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t 
 // Prefetches the values and offsets of row n's segments [s0, s1) (the tile kernels' K-block walk
 // jumps from row to row, which the hardware prefetchers do not follow). The row may not be checked
 // yet: a prefetch never faults, and a malformed count is clamped to what a well-formed row holds.
-inline void prefetch_row_entries(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1) {
+inline __attribute__((always_inline)) void prefetch_row_entries(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1) {
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t count = std::clamp<int64_t>(static_cast<int64_t>(ptr[s1]) - ptr[s0], 0, (s1 - s0) * kMaxSegmentEntries);
   prefetch_bytes(static_cast<const char*>(p.values) + static_cast<int64_t>(ptr[s0]) * value_bytes(p.value_type),
@@ -69,7 +69,7 @@ inline void prefetch_row_entries(const CsrProblem& p, int64_t n, int64_t s0, int
 constexpr int64_t kStreamAheadBytes = 8192;
 
 // Call once per 16 entries, with e the absolute index of the first of them.
-inline void prefetch_stream(const CsrProblem& p, int64_t e) {
+inline __attribute__((always_inline)) void prefetch_stream(const CsrProblem& p, int64_t e) {
   const int64_t bytes = value_bytes(p.value_type);
   const int64_t ahead = e + kStreamAheadBytes / bytes;
   const auto values = reinterpret_cast<uintptr_t>(p.values) + static_cast<uintptr_t>(ahead * bytes);
