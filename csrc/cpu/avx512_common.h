@@ -1,7 +1,8 @@
 #pragma once
-// AVX-512 helpers shared by the *_avx512.cpp kernel files. Include only from those files: every
-// function carries the AVX-512 target attribute, so nothing here runs unless the caller checked
-// cpu_has_avx512() first. The AVX2 helpers stay callable (their ISA is a subset).
+// AVX-512 helpers shared by the *_avx512.cpp kernel files and the AMX core (int8_gemm_amx.cpp,
+// through int8_epilogue_avx512.h). Include only from those files: every function carries the
+// AVX-512 target attribute, so nothing here runs unless the caller checked cpu_has_avx512() first.
+// The AVX2 helpers stay callable (their ISA is a subset).
 #include <immintrin.h>
 
 #include <cstdint>

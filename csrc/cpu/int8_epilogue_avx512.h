@@ -3,18 +3,13 @@
 // operations in the same order as store_acc8 (int8_epilogue_avx2.h), so every core rounds alike,
 // with the per-column operands (correction, w_scale, bias) loaded once per column block instead
 // of once per output row. Include only from files built with these targets.
+#include "avx512_common.h"
 #include "int8_epilogue_avx2.h"
-
-// GCC 12's AVX-512 headers start several intrinsics from _mm512_undefined_*(), which it then
-// reports as "may be used uninitialized" once inlined into a target-attribute function.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#define SPARSEQ_AVX512_EPILOGUE __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 
 namespace sparseq::cpu::avx512_epilogue {
 
 // gelu_erf8 on 16 lanes, operation for operation.
-SPARSEQ_AVX512_EPILOGUE inline __m512 gelu_erf16(__m512 x) {
+SPARSEQ_AVX512 inline __m512 gelu_erf16(__m512 x) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const __m512 z = _mm512_mul_ps(_mm512_andnot_ps(sign, x), _mm512_set1_ps(0.70710678118654752f));
   __m512 poly = _mm512_set1_ps(kGeluErfCoeffs[5]);
@@ -30,7 +25,7 @@ SPARSEQ_AVX512_EPILOGUE inline __m512 gelu_erf16(__m512 x) {
 }
 
 // float_to_bf16x8 on 16 lanes: round to nearest even, NaN -> 0x7fc0.
-SPARSEQ_AVX512_EPILOGUE inline __m256i float_to_bf16x16(__m512 v) {
+SPARSEQ_AVX512 inline __m256i float_to_bf16x16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
@@ -47,9 +42,9 @@ struct ColumnBlock {
   __m512 bias;
 };
 
-SPARSEQ_AVX512_EPILOGUE inline ColumnBlock load_column_block(const GemmProblem& p, int64_t n0, int count) {
+SPARSEQ_AVX512 inline ColumnBlock load_column_block(const GemmProblem& p, int64_t n0, int count) {
   ColumnBlock c;
-  c.mask = count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+  c.mask = avx512::first_lanes(count);
   c.correction = _mm512_setzero_si512();
   if (p.a_offset != 0)
     c.correction = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(c.mask, p.w_rowsum + n0), _mm512_set1_epi32(p.a_offset));
@@ -59,7 +54,7 @@ SPARSEQ_AVX512_EPILOGUE inline ColumnBlock load_column_block(const GemmProblem& 
 }
 
 // Stores output row m at the block's columns from the raw accumulators.
-SPARSEQ_AVX512_EPILOGUE inline void store_row16(const GemmProblem& p, const ColumnBlock& c, int64_t m, int64_t n0,
+SPARSEQ_AVX512 inline void store_row16(const GemmProblem& p, const ColumnBlock& c, int64_t m, int64_t n0,
                                                 __m512i acc) {
   acc = _mm512_sub_epi32(acc, c.correction);
   if (p.c_int32 != nullptr) {

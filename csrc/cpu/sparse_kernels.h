@@ -78,7 +78,7 @@ constexpr int64_t kSparse24DecodeMaxRows = 4;
 constexpr int64_t kTileWidthSmall = 8;
 constexpr int64_t kTileWidthMedium = 16;
 constexpr int64_t kTileWidthLarge = 32;
-constexpr int64_t kTileWidthXLarge = 64;  // AVX-512 kernels only (see kTileWidthMax)
+constexpr int64_t kTileWidthXLarge = 64;  // AVX-512 kernels only (see tile_width_max)
 
 // Widest tile the AVX2 kernels take, and the AVX-512 ones: a wider tile means fewer passes over
 // the weight, and 64 rows x 4096 columns x 4 bytes = 1 MiB still fits the 2 MiB L2 of the
