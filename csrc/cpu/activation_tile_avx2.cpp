@@ -46,7 +46,7 @@ template <OutType kType>
 SPARSEQ_AVX2 void transpose_to_tile(const void* x, int64_t ldx, int64_t m, int64_t k, int64_t m0, int64_t width,
                                     int64_t k_pad, float* tile) {
   constexpr int64_t kBytes = kType == OutType::kFloat32 ? 4 : 2;
-  const char* rows_bytes[kTileWidthXLarge];
+  const char* rows_bytes[kTileWidthXXLarge];
   const int64_t present = m - m0 < width ? m - m0 : width;
   for (int64_t i = 0; i < present; ++i) rows_bytes[i] = static_cast<const char*>(x) + (m0 + i) * ldx * kBytes;
   const auto rows_in_group = [present](int64_t i0) {

@@ -1,8 +1,8 @@
 // AVX-512 tile kernel of sparse24_linear (layout in sparseq/sparse_formats.h), for the CPUs that
 // have it; same contract as the AVX2 one (sparse_kernels.h), and the same walk: every stored value
-// is one FMA per zmm against its x_tiles row, the weight broadcast from memory, in tiles up to 64
-// x rows wide (a 128-row batch streams the weight twice instead of four times). Decode (few rows)
-// stays on the AVX2 kernel.
+// is one FMA per zmm against its x_tiles row, the weight broadcast from memory, in tiles up to 128
+// x rows wide (a 128-row batch streams the weight once). Decode (few rows) stays on the AVX2
+// kernel.
 #include "avx512_common.h"
 #include "sparse_tile_walks.h"
 
@@ -29,6 +29,7 @@ SPARSEQ_AVX512 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int
 void sparse24_tile_rows_avx512(const Sparse24Problem& p, int64_t m0, int64_t width, int64_t n_begin,
                                int64_t n_end, float* partial, float* values_f32) {
   switch (width) {
+    case kTileWidthXXLarge: return sparse24_tile_rows<8>(p, m0, n_begin, n_end, partial, values_f32);
     case kTileWidthXLarge: return sparse24_tile_rows<4>(p, m0, n_begin, n_end, partial, values_f32);
     case kTileWidthLarge: return sparse24_tile_rows<2>(p, m0, n_begin, n_end, partial, values_f32);
     case kTileWidthMedium: return sparse24_tile_rows<1>(p, m0, n_begin, n_end, partial, values_f32);

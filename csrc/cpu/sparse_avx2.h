@@ -42,10 +42,10 @@ SPARSEQ_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Results of up to 8 consecutive output rows n0.. for up to kTileWidthXLarge activation rows m0..:
+// Results of up to 8 consecutive output rows n0.. for up to kTileWidthXXLarge activation rows m0..:
 // block[j][i] = acc of (m0 + i, n0 + j). Stored transposed, 8 outputs of one x row at a time.
 struct ResultBlock {
-  alignas(32) float acc[8][kTileWidthXLarge];
+  alignas(32) float acc[8][kTileWidthXXLarge];
 };
 
 SPARSEQ_AVX2 inline void store_result_block(const SparseEpilogue& ep, const ResultBlock& block, int64_t n0,

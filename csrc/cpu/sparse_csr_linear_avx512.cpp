@@ -3,8 +3,8 @@
 // column expansion with. Decode (one x row): 16 nonzeros per FMA, their x entries fetched by one
 // vgatherdps (fast on the Intel cores that have AVX-512, unlike the AMD ones the AVX2 kernel
 // avoids it on; 1.1-1.2x the AVX2 kernel). Tiles: one FMA per zmm per nonzero, the weight
-// broadcast from memory, and tiles up to 64 x rows wide so that a 128-row batch streams the
-// weight twice instead of four times.
+// broadcast from memory, and tiles up to 128 x rows wide so that a 128-row batch streams the
+// weight once.
 #include <algorithm>
 
 #include "avx512_common.h"
@@ -51,10 +51,10 @@ SPARSEQ_AVX512 bool csr_decode_rows(const CsrProblem& p, int64_t n_begin, int64_
 
 // Tile rows. 16 and 32 wide, and at 64 wide for rows sparser than 85%, each whole row at once:
 // the tile (at most 1 MiB) stays in L2, and neither K blocks (16 KiB in L1 at width 16) nor
-// prefetching the tile rows of nonzeros ahead ran faster here. Denser rows at 64 wide walk K one
-// 256-column segment (a 64 KiB block of the tile) at a time across all rows, keeping partial sums
-// in `partial`: M=128, 70% zeros, 1.2x faster than whole rows (at 90%: no better for int8 values,
-// which are then widened per block).
+// prefetching the tile rows of nonzeros ahead ran faster here. Denser rows at 64 wide, and every
+// row at 128 wide (a 2 MiB tile), walk K one 256-column segment (a 64 or 128 KiB block of the
+// tile) at a time across all rows, keeping partial sums in `partial`: M=128, 70% zeros, 1.2x
+// faster than whole rows at 64 wide; 90% zeros, 1.2x faster at 128 wide than two 64-wide tiles.
 template <int kVectors>
 SPARSEQ_AVX512 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_begin, int64_t n_end, float* partial,
                                   int32_t* columns, float* values_f32) {
@@ -63,7 +63,7 @@ SPARSEQ_AVX512 bool csr_tile_rows(const CsrProblem& p, int64_t m0, int64_t n_beg
     if (!row_segments_valid(p, n)) return false;
   const float* tile = p.x.x_tiles + m0 * p.x.k_pad;
   const int64_t m_count = std::min<int64_t>(p.x.m - m0, kWidth);
-  if (kVectors == 4 && csr_block_segments(p) < p.segments) {
+  if (kVectors == 8 || (kVectors == 4 && csr_block_segments(p) < p.segments)) {
     for (int64_t s = 0; s < p.segments; ++s)
       for (int64_t n = n_begin; n < n_end; ++n) {
         if (n + kPrefetchRows < n_end) prefetch_row_entries(p, n + kPrefetchRows, s, s + 1);
@@ -98,6 +98,7 @@ bool csr_decode_rows_avx512(const CsrProblem& p, int64_t n_begin, int64_t n_end,
 bool csr_tile_rows_avx512(const CsrProblem& p, int64_t m0, int64_t width, int64_t n_begin, int64_t n_end,
                           float* partial, int32_t* columns, float* values_f32) {
   switch (width) {
+    case kTileWidthXXLarge: return csr_tile_rows<8>(p, m0, n_begin, n_end, partial, columns, values_f32);
     case kTileWidthXLarge: return csr_tile_rows<4>(p, m0, n_begin, n_end, partial, columns, values_f32);
     case kTileWidthLarge: return csr_tile_rows<2>(p, m0, n_begin, n_end, partial, columns, values_f32);
     case kTileWidthMedium: return csr_tile_rows<1>(p, m0, n_begin, n_end, partial, columns, values_f32);

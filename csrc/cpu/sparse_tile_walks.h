@@ -85,14 +85,14 @@ SPARSEQ_ALWAYS_INLINE void sparse24_tile_walk(const Sparse24Problem& p, int64_t 
         const uint32_t bits = meta[g / 2];
         const float* x8 = tile + 4 * g * kWidth;
         acc.fma(0, w + 2 * g, x8 + (bits & 3) * kWidth);
-        acc.fma(1, w + 2 * g + 1, x8 + ((bits >> 2) & 3) * kWidth);
+        acc.fma(1 % kSets, w + 2 * g + 1, x8 + ((bits >> 2) & 3) * kWidth);
         acc.fma(2 % kSets, w + 2 * g + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
         acc.fma(3 % kSets, w + 2 * g + 3, x8 + (4 + (bits >> 6)) * kWidth);
       }
       if (g < g1) {  // the odd last group
         const uint32_t bits = meta[g / 2];
         acc.fma(0, w + 2 * g, tile + (4 * g + (bits & 3)) * kWidth);
-        acc.fma(1, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
+        acc.fma(1 % kSets, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
       }
       acc.add_to(partial + (n - n_begin) * kWidth, g0 == 0);
     }

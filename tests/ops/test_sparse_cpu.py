@@ -153,9 +153,10 @@ def test_many_rows(kernel_path, kind):
     _assert_matches_fp64(out, ref, x, w, bias)
 
 
-@pytest.mark.parametrize("m", [1, 16, 40])
+@pytest.mark.parametrize("m", [1, 16, 40, 128, 200])
 def test_layer_sized(kernel_path, m):
-    # A 90%-sparse 1024 x 2048 layer (full segments, thread chunks) and its 2:4 counterpart.
+    # A 90%-sparse 1024 x 2048 layer (full segments, thread chunks) and its 2:4 counterpart; at
+    # m >= 128 the AVX-512 kernels walk 128-row tiles in K blocks (200 = 128 + 64 + 8).
     gen = _gen(m)
     x = torch.randn(m, 1024, generator=gen)
     w = _unstructured(2048, 1024, 0.9, gen)
