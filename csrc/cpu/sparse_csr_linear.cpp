@@ -53,7 +53,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
   p.epilogue = make_epilogue(out, w_scale, bias_f32);
   const bool use_avx2 = cpu_has_avx2_fma(), use_avx512 = cpu_has_avx512();
   const bool tiles = use_avx2 && m > kCsrDecodeMaxRows;
-  const int64_t max_width = tile_width_max(use_avx512);
+  const int64_t max_width = csr_tile_width_max(p, use_avx512);
   const at::Tensor x_storage = prepare_activations(x, csr_k_pad(p.segments), tiles, p.x, max_width);
 
   bool ok;
