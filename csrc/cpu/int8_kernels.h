@@ -145,6 +145,7 @@ struct WeightOnlyProblem {
   void* c_out = nullptr;
   OutType out_type = OutType::kFloat32;
   int64_t ldc = 0;
+  bool avx512 = false;  // cpu_has_avx512(): the few-row stream may use zmm
 };
 
 // Row chunks with at least this many rows dequantize weight panels (and reuse them over the rows)

@@ -69,6 +69,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   p.c_out = out.mutable_data_ptr();
   p.out_type = out_type_of(x);
   p.ldc = n;
+  p.avx512 = cpu_has_avx512();
 
   const bool use_avx2 = cpu_has_avx2_fma();
   // Row chunks of up to 192 rows reuse each dequantized panel slice; their x slices stay in L2.

@@ -195,6 +195,19 @@ def test_int8_weight_only_linear_matches_reference(kernel_path, m, k, n, dtype):
         assert err <= bound, (err, ref_err, bound)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 48), (3, 131, 33), (2, 4, 17)])
+def test_int8_weight_only_avx512_stream_equals_avx2(monkeypatch, m, k, n):
+    # Below 4 rows the weight is streamed; the AVX-512 stream sums each lane's products in the
+    # AVX2 stream's order, so the two give the same bits.
+    gen = _gen(m + k + n)
+    w = _packed(n, k, gen)
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    select_cpu_kernel_path(monkeypatch, "avx512")
+    out_avx512 = ops.int8_weight_only_linear(x, w.packed, w.scale, bias)
+    select_cpu_kernel_path(monkeypatch, "avx2")
+    out_avx2 = ops.int8_weight_only_linear(x, w.packed, w.scale, bias)
+    assert torch.equal(out_avx512, out_avx2)
+
 # ------------------------------------------------------------------------- opcheck, bad input
 
 def _sample_args():
