@@ -81,7 +81,7 @@ inline __attribute__((always_inline)) void prefetch_stream(const CsrProblem& p, 
 // whole rows (the weight streamed in order) run fastest; denser rows touch most of the tile and
 // run fastest with its 4-segment block (64 KiB at width 16) kept close.
 inline int64_t csr_block_segments(const CsrProblem& p) {
-  return csr_density(p) < 0.15 ? p.segments : 4;
+  return csr_density(p) < kCsrSparseDensity ? p.segments : 4;
 }
 
 }  // namespace sparseq::cpu::avx2

@@ -85,8 +85,9 @@ constexpr int64_t kTileWidthXXLarge = 128;  // AVX-512 kernels only
 // the weight and fewer decodes of each stored value per FMA. 64 rows x 4096 columns x 4 bytes =
 // 1 MiB fits the 2 MiB L2 of the AVX-512 Xeons whole (M=128, 70% zeros: 64 wide ran 1.15x faster
 // than 32 wide). 128-row tiles (2 MiB) are walked in K blocks: at M=128, 4096x4096, they ran a
-// 90%-sparse CSR weight 1.15-1.2x faster than two 64-row tiles and 2:4 alike, but a 70%-sparse
-// one 1.1x slower, so the CSR kernel takes them only for sparse rows (csr_tile_width_max).
+// 90%-sparse CSR weight 1.15-1.2x faster than two 64-row tiles, a 2:4 one as fast, and a
+// 70%-sparse one 1.1x slower, so the CSR kernel takes them only for sparse rows
+// (csr_tile_width_max).
 inline int64_t tile_width_max(bool avx512) { return avx512 ? kTileWidthXXLarge : kTileWidthLarge; }
 
 // Fraction of the weight's entries stored.
@@ -94,8 +95,13 @@ inline double csr_density(const CsrProblem& p) {
   return static_cast<double>(p.nnz) / static_cast<double>(p.n * p.segments * kCsrSegment);
 }
 
+// Below this density a row touches few rows of the x tile: the CSR tile kernels walk whole rows
+// up to 64 wide (csr_block_segments) and the AVX-512 one takes 128-row tiles (csr_tile_width_max);
+// denser weights walk K blocks and stop at 64-row tiles.
+constexpr double kCsrSparseDensity = 0.15;
+
 inline int64_t csr_tile_width_max(const CsrProblem& p, bool avx512) {
-  return avx512 && csr_density(p) >= 0.15 ? kTileWidthXLarge : tile_width_max(avx512);
+  return avx512 && csr_density(p) >= kCsrSparseDensity ? kTileWidthXLarge : tile_width_max(avx512);
 }
 
 // Output rows [n_begin, n_end). The CSR kernels return false when they meet a malformed seg_ptr
