@@ -10,18 +10,22 @@ pruned to that pattern and timed, for every M, as:
   sparseq sparse int8     SparseInt8Linear in the same format
 The candidates of one (shape, pattern, sparsity, M) are timed interleaved, one call each per round,
 so the machine's drift hits them alike; a row holds their medians and the ratios between them.
+Weights are hot (one module per column, reused) unless ``cold``: on a CPU whose last-level cache
+holds the fp32 weight (here 300 MiB against 64 MiB) hot dense decode reads it from that cache, a
+model's layers from memory.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from . import ops
-from .bench import _num_threads, _torch_dynamic_int8, machine_info, median_ms, pyplot, time_interleaved
+from .bench import (_num_threads, _torch_dynamic_int8, cold_copies, machine_info, median_ms, pyplot,
+                    time_interleaved)
 from .nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 PATTERNS = ("unstructured", "2:4", "block")
@@ -80,6 +84,19 @@ class TorchCSRLinear(nn.Module):
         out = torch.sparse.mm(self.weight, x.t()).t()
         return out if self.bias is None else out + self.bias
 
+    def __deepcopy__(self, memo) -> "TorchCSRLinear":
+        # copy.deepcopy cannot reach a CSR tensor's storage; clone() copies its three arrays.
+        twin = TorchCSRLinear.__new__(TorchCSRLinear)
+        nn.Module.__init__(twin)
+        twin.weight = self.weight.clone()
+        twin.bias = None if self.bias is None else self.bias.clone()
+        return twin
+
+
+def _rotation(module: nn.Module, copies: int) -> Iterator[nn.Module]:
+    """module, then copies - 1 deep copies of it, in a cycle (one call each in turn)."""
+    return itertools.cycle([module] + [copy.deepcopy(module) for _ in range(copies - 1)])
+
 
 def interleaved_median_ms(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
                           device: torch.device) -> Dict[str, float]:
@@ -99,12 +116,14 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                  device: str | torch.device = "cpu", threads: Optional[int] = None,
                  repeats: int = FULL_REPEATS, warmup: int = 1, seed: int = 0,
                  block: Tuple[int, int] = DEFAULT_BLOCK, allow_reference: bool = False,
-                 progress: Optional[Callable[[str], None]] = None) -> dict:
+                 progress: Optional[Callable[[str], None]] = None, cold: bool = False) -> dict:
     """Time the candidates (module docstring) over the grid; return {"machine", "settings",
     "rows", "notes"}. A row: K, N, pattern, sparsity (measured), M, <column>_ms for each column
     timed, and <kernel>_vs_<baseline> = baseline ms / kernel ms (above 1: the kernel is faster).
     2:4 is timed at 50% only (its sparsity is fixed). Without compiled kernels for ``device``
-    the sparseq columns are left out unless ``allow_reference``."""
+    the sparseq columns are left out unless ``allow_reference``. ``cold`` calls each column's
+    module in turn from cold_copies() copies of it (bench.py's docstring), as a model's layers
+    come, instead of reusing one."""
     device = torch.device(device)
     for pattern in patterns:
         if pattern not in PATTERNS:
@@ -125,6 +144,7 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with _num_threads(threads), torch.no_grad():
         for k, n in kn_values:
+            copies = cold_copies(k, n, device) if cold else 1
             dense = nn.Linear(k, n)
             dense_modules = {FP32: copy.deepcopy(dense).to(device, dtype)}
             if sparseq_columns:
@@ -150,16 +170,17 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                     modules[SPARSE] = SparseLinear.from_dense(pruned, format=fmt, block=fmt_block).to(device, dtype)
                     modules[SPARSE_INT8] = SparseInt8Linear.from_dense(pruned, format=fmt,
                                                                       block=fmt_block).to(device)
+                rotations = {name: _rotation(module, copies) for name, module in modules.items()}
                 for m in m_values:
                     if progress is not None:
                         progress(f"K={k} N={n} {pattern} {measured:.0%} M={m}")
                     x = torch.randn(m, k, generator=generator).to(device)
-                    fns = {name: (lambda module=module, name=name:
-                                  module(x if name == TORCH_INT8 else x.to(dtype)))
-                           for name, module in modules.items()}
+                    fns = {name: (lambda turn=turn, name=name:
+                                  next(turn)(x if name == TORCH_INT8 else x.to(dtype)))
+                           for name, turn in rotations.items()}
                     ms = interleaved_median_ms(fns, warmup, repeats, device)
                     row = {"K": k, "N": n, "pattern": pattern, "block": list(fmt_block) if fmt_block else None,
-                           "sparsity": round(measured, 4), "M": m}
+                           "sparsity": round(measured, 4), "M": m, "weight_copies": copies}
                     row.update({f"{name}_ms": ms[name] for name in COLUMNS if name in ms})
                     for kernel, base in RATIOS:
                         if kernel in ms and base in ms:
@@ -169,7 +190,8 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
     settings = {"sparsities": list(sparsities), "patterns": list(patterns), "M": list(m_values),
                 "KN": [list(kn) for kn in kn_values], "block": list(block), "repeats": repeats,
                 "warmup": warmup, "statistic": "median, interleaved", "threads": info["threads"],
-                "dtype": str(dtype).replace("torch.", ""), "weights": "hot (one weight reused)"}
+                "dtype": str(dtype).replace("torch.", ""),
+                "weights": "cold (copies cycled, twice the last-level cache)" if cold else "hot (one weight reused)"}
     return {"machine": info, "settings": settings, "rows": rows, "notes": notes}
 
 

@@ -181,7 +181,8 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
         kn_values=args.kn or (bench_sparse.QUICK_KN if args.quick else bench_sparse.FULL_KN),
         device=args.device, threads=args.threads,
         repeats=args.repeats or (bench_sparse.QUICK_REPEATS if args.quick else bench_sparse.FULL_REPEATS),
-        block=args.block, allow_reference=args.allow_reference, progress=None if args.no_progress else progress)
+        block=args.block, allow_reference=args.allow_reference, progress=None if args.no_progress else progress,
+        cold=args.cold)
     machine, settings = result["machine"], result["settings"]
     print(f"sparse linear on {args.device} ({machine.get('gpu') or machine['cpu_model']}), "
           f"{settings['threads']} threads, {settings['dtype']}, {settings['statistic']} of "
@@ -323,6 +324,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cold_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cold", action="store_true",
+                        help="cycle through weight copies larger than twice the last-level cache "
+                             "(as a model's layers do) instead of reusing one cache-hot weight")
+
+
 def _add_common_bench_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", metavar="PATH", help="also write the rows and machine info to PATH")
@@ -379,9 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fp32 nn.Linear, torch's dynamic int8 Linear (CPU) and bf16 F.linear (CUDA), "
                     "for M in {1,16,128,512} and (K,N) in {(4096,4096),(1024,4096),(4096,1024)}.")
     _add_common_bench_args(int8, "M in {1,16,128}, (K,N)=(4096,4096) only, fewer repeats")
-    int8.add_argument("--cold", action="store_true",
-                      help="cycle through weight copies larger than twice the last-level cache "
-                           "(as a model's layers do) instead of reusing one cache-hot weight")
+    _add_cold_arg(int8)
     int8.add_argument("--png", metavar="PATH", help="also plot speedup over fp32 against M to PATH")
     int8.set_defaults(func=_cmd_bench_int8)
 
@@ -399,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="patterns to time (repeatable; default: all three)")
     sparse.add_argument("--block", type=_block, default=(4, 4), metavar="BHxBW",
                         help="block shape of the block pattern (default: 4x4)")
+    _add_cold_arg(sparse)
     sparse.add_argument("--png", metavar="PATH", help="also plot speedup over fp32 against sparsity to PATH")
     sparse.add_argument("--no-progress", action="store_true", help="do not report progress on stderr")
     sparse.set_defaults(func=_cmd_bench_sparse)

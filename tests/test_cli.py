@@ -137,6 +137,33 @@ def test_bench_sparse_rows_cover_the_grid(capsys):
     assert "block 4x4" in text and "unstructured" in text
 
 
+def test_bench_sparse_cold_cycles_through_weight_copies(monkeypatch, tmp_path):
+    from sparseq import bench_sparse
+
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 64 * 48 * 2)  # -> 4 copies
+    path = tmp_path / "cold.json"
+    argv = ["bench", "sparse", "--m", "1", "--kn", "64x48", "--sparsity", "0.9", "--pattern", "unstructured",
+            "--repeats", "1", "--allow-reference", "--no-progress", "--cold", "--json", str(path)]
+    assert main(argv) == 0
+    result = json.loads(path.read_text())
+    assert result["settings"]["weights"].startswith("cold")
+    assert [row["weight_copies"] for row in result["rows"]] == [4]
+    # Each copy is its own module with its own weight, computing the same thing (torch's CSR
+    # tensors included, which copy.deepcopy cannot copy by itself).
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(48, 64) > 0.9)
+    for module in (bench_sparse.TorchCSRLinear(linear), linear):
+        turn = bench_sparse._rotation(module, 3)
+        copies = [next(turn) for _ in range(4)]
+        assert copies[3] is copies[0] and len({id(c) for c in copies[:3]}) == 3
+        weights = [c.weight.values() if c.weight.layout == torch.sparse_csr else c.weight for c in copies[:3]]
+        assert len({w.data_ptr() for w in weights}) == 3
+        x = torch.randn(2, 64)
+        for c in copies[1:3]:
+            torch.testing.assert_close(c(x), copies[0](x), rtol=0, atol=0)
+
+
 def test_prune_to_patterns():
     from sparseq import bench_sparse
     from sparseq.formats import detect_pattern
