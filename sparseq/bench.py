@@ -22,7 +22,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -268,6 +268,12 @@ def cold_copies(k: int, n: int, device: torch.device) -> int:
     return min(MAX_COLD_COPIES, max(2, math.ceil(2 * last_level_cache_bytes(device) / (k * n))))
 
 
+def weight_rotation(module: torch.nn.Module, copies: int) -> Iterator[torch.nn.Module]:
+    """module, then copies - 1 deep copies of it, in a cycle: one call each in turn (cold), or
+    the module itself every time (copies=1, hot)."""
+    return itertools.cycle([module] + [copy.deepcopy(module) for _ in range(copies - 1)])
+
+
 @contextlib.contextmanager
 def _num_threads(threads: Optional[int]):
     before = torch.get_num_threads()
@@ -297,15 +303,13 @@ def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, 
             linear = nn.Linear(k, n, device=device)
             cands, cand_notes = candidates(linear, device, allow_reference)
             copies = cold_copies(k, n, device) if cold else 1
-            # Every candidate's module, copies times over (cold), called in turn.
-            rotations = [[c.module] + [copy.deepcopy(c.module) for _ in range(copies - 1)] for c in cands]
+            rotations = [weight_rotation(c.module, copies) for c in cands]
             notes += [note for note in cand_notes if note not in notes]
             for m in m_values:
                 x = torch.randn(m, k, device=device)
                 baseline_ms: Dict[str, float] = {}
-                for cand, modules in zip(cands, rotations):
+                for cand, turn in zip(cands, rotations):
                     xc = x.to(cand.dtype)
-                    turn = itertools.cycle(modules)
                     ms = median_ms(lambda: next(turn)(xc), device, warmup, repeats)
                     if cand.name in BASELINES:
                         baseline_ms[cand.name] = ms

@@ -11,21 +11,21 @@ pruned to that pattern and timed, for every M, as:
 The candidates of one (shape, pattern, sparsity, M) are timed interleaved, one call each per round,
 so the machine's drift hits them alike; a row holds their medians and the ratios between them.
 Weights are hot (one module per column, reused) unless ``cold``: on a CPU whose last-level cache
-holds the fp32 weight (here 300 MiB against 64 MiB) hot dense decode reads it from that cache, a
+holds the fp32 weight (a 300 MiB L3 against 64 MiB at 4096x4096) hot dense decode reads it from that cache, a
 model's layers from memory.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from . import ops
 from .bench import (_num_threads, _torch_dynamic_int8, cold_copies, machine_info, median_ms, pyplot,
-                    time_interleaved)
+                    time_interleaved, weight_rotation)
 from .nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 PATTERNS = ("unstructured", "2:4", "block")
@@ -91,11 +91,6 @@ class TorchCSRLinear(nn.Module):
         twin.weight = self.weight.clone()
         twin.bias = None if self.bias is None else self.bias.clone()
         return twin
-
-
-def _rotation(module: nn.Module, copies: int) -> Iterator[nn.Module]:
-    """module, then copies - 1 deep copies of it, in a cycle (one call each in turn)."""
-    return itertools.cycle([module] + [copy.deepcopy(module) for _ in range(copies - 1)])
 
 
 def interleaved_median_ms(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
@@ -170,7 +165,7 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                     modules[SPARSE] = SparseLinear.from_dense(pruned, format=fmt, block=fmt_block).to(device, dtype)
                     modules[SPARSE_INT8] = SparseInt8Linear.from_dense(pruned, format=fmt,
                                                                       block=fmt_block).to(device)
-                rotations = {name: _rotation(module, copies) for name, module in modules.items()}
+                rotations = {name: weight_rotation(module, copies) for name, module in modules.items()}
                 for m in m_values:
                     if progress is not None:
                         progress(f"K={k} N={n} {pattern} {measured:.0%} M={m}")

@@ -154,7 +154,7 @@ def test_bench_sparse_cold_cycles_through_weight_copies(monkeypatch, tmp_path):
     with torch.no_grad():
         linear.weight.mul_(torch.rand(48, 64) > 0.9)
     for module in (bench_sparse.TorchCSRLinear(linear), linear):
-        turn = bench_sparse._rotation(module, 3)
+        turn = bench.weight_rotation(module, 3)
         copies = [next(turn) for _ in range(4)]
         assert copies[3] is copies[0] and len({id(c) for c in copies[:3]}) == 3
         weights = [c.weight.values() if c.weight.layout == torch.sparse_csr else c.weight for c in copies[:3]]
