@@ -47,6 +47,12 @@ TORCH_LIBRARY(sparseq, m) {
   m.def(
       "sparse24_int8_linear(Tensor x, Tensor values, Tensor meta, Tensor w_scale, Tensor? bias, "
       "int act_qmax) -> Tensor");
+  // W8A8 dynamic linear on a sliced-ELL int8 weight (layout in sparse_formats.h; N = w_scale's
+  // length): x quantized per row exactly as in int8_linear, an exact int32 dot of every row's
+  // entries, then acc * (x_scale[m] * w_scale[n]) + bias[n] in x's dtype.
+  m.def(
+      "sparse_sell_int8_linear(Tensor x, Tensor block_step_ptr, Tensor step_masks, Tensor slice_ptr, "
+      "Tensor col_offsets, Tensor values, Tensor w_scale, Tensor? bias, int act_qmax) -> Tensor");
 }
 
 namespace {

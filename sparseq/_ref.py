@@ -238,6 +238,50 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     return dequant_epilogue(acc, x_scale, w_scale, bias, x.dtype)
 
 
+SELL_SLICE = 16   # output rows per slice: one int32 lane each in a 16-lane step
+SELL_BLOCK = 64   # columns per block: a step's column offsets index one 64-byte row of x
+SELL_SLOTS = 4    # entries per row per step: the 4 bytes an int32 lane's dot product sums
+
+
+def sell_blocks(in_features: int) -> int:
+    """Column blocks per slice of a SlicedEllInt8Weight: ceil(K / 64), at least 1."""
+    return max(1, -(-in_features // SELL_BLOCK))
+
+
+def sell_entry_coordinates(block_step_ptr: torch.Tensor, step_masks: torch.Tensor, col_offsets: torch.Tensor,
+                           blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (rows, columns) of a SlicedEllInt8Weight's entries, in storage order: step by step,
+    and within a step by ascending lane (bit) of its mask; lane l belongs to row 16 s + l // 4."""
+    counts = (block_step_ptr[1:] - block_step_ptr[:-1]).to(torch.int64)
+    step_block = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    lanes = torch.arange(64, device=step_masks.device)
+    bits = ((step_masks.to(torch.int64)[:, None] >> lanes) & 1).bool()  # bit 63 survives the sign
+    step, lane = bits.nonzero(as_tuple=True)
+    slice_block = step_block[step]
+    rows = (slice_block // blocks) * SELL_SLICE + lane // SELL_SLOTS
+    columns = (slice_block % blocks) * SELL_BLOCK + col_offsets.to(torch.int64)
+    return rows, columns
+
+
+def sparse_sell_int8_linear(x: torch.Tensor, block_step_ptr: torch.Tensor, step_masks: torch.Tensor,
+                            slice_ptr: torch.Tensor, col_offsets: torch.Tensor, values: torch.Tensor,
+                            w_scale: torch.Tensor, bias: torch.Tensor | None, act_qmax: int) -> torch.Tensor:
+    """W8A8 dynamic linear on a SlicedEllInt8Weight's tensors: x quantized per row exactly as
+    int8_linear does, an exact integer dot of each row's entries, then
+    acc * x_scale[m] * w_scale[n] + bias. (slice_ptr only helps kernels start a slice mid-way.)"""
+    q, x_scale = quantize_per_row(x, act_qmax)
+    m, k = x.shape
+    rows, columns = sell_entry_coordinates(block_step_ptr, step_masks, col_offsets, sell_blocks(k))
+    qd = q.to(torch.float64)
+    acc = qd.new_zeros(m, w_scale.numel())
+    # float64 sums of int8 x int8 products are exact (far below 2^53); the result fits int32.
+    chunk = max(1, _GATHER_BUDGET // max(m, 1))
+    for e0 in range(0, values.numel(), chunk):
+        e1 = min(values.numel(), e0 + chunk)
+        acc.index_add_(1, rows[e0:e1], qd[:, columns[e0:e1]] * values[e0:e1].to(torch.float64))
+    return dequant_epilogue(acc.to(torch.int32), x_scale, w_scale, bias, x.dtype)
+
+
 def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
                values: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
                out_features: int) -> torch.Tensor:

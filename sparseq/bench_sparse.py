@@ -7,7 +7,9 @@ pruned to that pattern and timed, for every M, as:
   sparseq int8 dense      sparseq.nn.Int8Linear (the dense int8 kernel)
   torch dynamic int8      torch.ao quantize_dynamic (fbgemm), the baseline of sparse int8
   sparseq sparse          SparseLinear in the pattern's format (csr / 2:4 / bsr)
-  sparseq sparse int8     SparseInt8Linear in the same format
+  sparseq sparse int8     SparseInt8Linear in the same format (weight-only: float activations)
+  sparseq sparse w8a8     SparseInt8Linear with act_bits=8 (2:4, or sliced ELL for the other
+                          patterns): int8 activations, like torch's dynamic int8
 The candidates of one (shape, pattern, sparsity, M) are timed interleaved, one call each per round,
 so the machine's drift hits them alike; a row holds their medians and the ratios between them.
 Weights are hot (one module per column, reused) unless ``cold``. Where the last-level cache holds
@@ -44,10 +46,11 @@ INT8_DENSE = "sparseq_int8_dense"
 TORCH_INT8 = "torch_int8"
 SPARSE = "sparse"
 SPARSE_INT8 = "sparse_int8"
-COLUMNS = (FP32, TORCH_CSR, INT8_DENSE, TORCH_INT8, SPARSE, SPARSE_INT8)
+SPARSE_W8A8 = "sparse_w8a8"
+COLUMNS = (FP32, TORCH_CSR, INT8_DENSE, TORCH_INT8, SPARSE, SPARSE_INT8, SPARSE_W8A8)
 # (kernel, baseline) pairs whose ratio baseline_ms / kernel_ms each row reports.
 RATIOS = ((SPARSE, FP32), (SPARSE, TORCH_CSR), (SPARSE, INT8_DENSE), (SPARSE_INT8, TORCH_INT8),
-          (SPARSE_INT8, FP32))
+          (SPARSE_INT8, FP32), (SPARSE_W8A8, TORCH_INT8), (SPARSE_W8A8, INT8_DENSE))
 
 
 def prune_to(weight: torch.Tensor, pattern: str, sparsity: float, block: Tuple[int, int],
@@ -166,6 +169,7 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                     modules[SPARSE] = SparseLinear.from_dense(pruned, format=fmt, block=fmt_block).to(device, dtype)
                     modules[SPARSE_INT8] = SparseInt8Linear.from_dense(pruned, format=fmt,
                                                                       block=fmt_block).to(device)
+                    modules[SPARSE_W8A8] = SparseInt8Linear.from_dense(pruned, act_bits=8).to(device)
                 rotations = dict(dense_rotations)
                 rotations.update({name: weight_rotation(module, copies) for name, module in modules.items()})
                 for m in m_values:
@@ -193,7 +197,7 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
 
 
 _HEADERS = {FP32: "fp32", TORCH_CSR: "t.csr", INT8_DENSE: "int8", TORCH_INT8: "t.int8", SPARSE: "sparse",
-            SPARSE_INT8: "sp.int8"}
+            SPARSE_INT8: "sp.int8", SPARSE_W8A8: "sp.w8a8"}
 
 
 def format_table(rows: Sequence[dict]) -> str:

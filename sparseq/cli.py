@@ -189,7 +189,7 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
           f"{settings['repeats']}, {settings['weights']}")
     print("a/b = b ms / a ms: above 1, a is faster than b.  t.csr = torch.sparse.mm on to_sparse_csr(), "
           "int8 = sparseq Int8Linear (dense), t.int8 = torch quantize_dynamic, sparse = SparseLinear, "
-          "sp.int8 = SparseInt8Linear\n")
+          "sp.int8 = SparseInt8Linear (float activations), sp.w8a8 = SparseInt8Linear(act_bits=8)\n")
     _finish_bench(args, result, bench_sparse.format_table(result["rows"]), bench_sparse.plot_speedup)
     return 0
 

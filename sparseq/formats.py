@@ -3,8 +3,8 @@
 PackedInt8Weight is the int8 per-output-channel format every int8 kernel reads (CPU AVX2,
 CUDA, Triton): the n16k4 layout described in csrc/include/sparseq/packed_int8.h.
 
-The sparse formats (SparseCSRWeight, Sparse24Weight, BlockSparseWeight) store exactly the zeros
-already in a weight: unpack() returns the masked weight bit for bit (after the cast to the
+The sparse formats (SparseCSRWeight, Sparse24Weight, BlockSparseWeight, and the int8-only
+SlicedEllInt8Weight) store exactly the zeros already in a weight: unpack() returns the masked weight bit for bit (after the cast to the
 stored value dtype), or, with int8=True, the dequantized per-output-channel int8 weight
 q[n, k] * scale[n] with the same sparsity structure. Their reference matmuls live in _ref.py
 and read the packed tensors directly, so they exercise each format's indexing.
@@ -483,6 +483,146 @@ class BlockSparseWeight:
 
 
 BLOCK_CANDIDATES = ((1, 4), (1, 8), (4, 1), (4, 4), (8, 8), (16, 16), (32, 32))
+
+
+SELL_SLICE, SELL_BLOCK, SELL_SLOTS = _ref.SELL_SLICE, _ref.SELL_BLOCK, _ref.SELL_SLOTS
+sell_blocks = _ref.sell_blocks
+
+
+@dataclass
+class SlicedEllInt8Weight:
+    """Unstructured sparse int8 weight W [N, K] in sliced ELLPACK steps, for W8A8 kernels that
+    look activations up with a byte permute (vpermb) instead of gathering them.
+
+    Rows go in slices of 16 (slice s: rows 16 s .. 16 s + 15) and columns in blocks of 64 (block b:
+    columns 64 b .. 64 b + 63). Slice s, block b has T = ceil(c / 4) steps, c being the most entries
+    any of its 16 rows has in the block. A step is 64 byte lanes: lanes 4 r .. 4 r + 3 hold up to 4
+    entries of the slice's row r, so one int32 lane of a 16-lane dot product sums them.
+    block_step_ptr int32 [S_slices * B + 1]: steps of (s, b) are [ptr[s B + b], ptr[s B + b + 1]).
+    step_masks int64 [steps]: bit l set when lane l holds an entry (padding lanes store nothing).
+    col_offsets uint8 [nnz] (column - 64 b, < 64) and values int8 [nnz]: the entries, step after
+      step, and within a step by ascending lane: a kernel expands them into lanes with the mask.
+    slice_ptr int32 [S_slices + 1]: the entries of slice s are [slice_ptr[s], slice_ptr[s + 1]).
+    scale float32 [N]: W[n, k] = values * scale[n].
+    Only the mask bits mark padding, so a 90%-sparse layer takes ~5.7% of its dense fp32 bytes
+    (int8 CSR: ~5.4%). Exactly the nonzeros of the float weight are stored.
+    """
+
+    block_step_ptr: torch.Tensor
+    step_masks: torch.Tensor
+    slice_ptr: torch.Tensor
+    col_offsets: torch.Tensor
+    values: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor) -> "SlicedEllInt8Weight":
+        """Quantize a float weight [N, K] per output channel and store its nonzeros."""
+        _check_weight(weight)
+        q, scale = _quantize_per_channel(weight)
+        n, k = weight.shape
+        blocks, slices = sell_blocks(k), -(-n // SELL_SLICE)
+        rows, cols = (weight.detach() != 0).nonzero(as_tuple=True)  # row-major: columns ascend
+        if slices * blocks >= 2**31 or rows.numel() >= 2**31:
+            raise ValueError(f"a [{n}, {k}] weight has too many blocks or nonzeros for int32 pointers")
+        device = weight.device
+        row_block = rows * blocks + cols // SELL_BLOCK
+        counts = torch.bincount(row_block, minlength=n * blocks)
+        rank = torch.arange(rows.numel(), device=device) - (counts.cumsum(0) - counts)[row_block]
+        longest = torch.zeros(slices * SELL_SLICE * blocks, dtype=torch.int64, device=device)
+        longest[:n * blocks] = counts
+        steps = (longest.view(slices, SELL_SLICE, blocks).amax(dim=1) + SELL_SLOTS - 1) // SELL_SLOTS
+        block_step_ptr = torch.zeros(slices * blocks + 1, dtype=torch.int32, device=device)
+        block_step_ptr[1:] = steps.flatten().cumsum(0)
+        slice_block = (rows // SELL_SLICE) * blocks + cols // SELL_BLOCK
+        step = block_step_ptr[slice_block].to(torch.int64) + rank // SELL_SLOTS
+        lane = (rows % SELL_SLICE) * SELL_SLOTS + rank % SELL_SLOTS
+        order = torch.argsort(step * 64 + lane)
+        masks = torch.zeros(int(block_step_ptr[-1]), dtype=torch.int64, device=device)
+        masks.index_add_(0, step, torch.ones_like(lane) << lane)  # distinct lanes: the sum is the OR
+        slice_ptr = torch.zeros(slices + 1, dtype=torch.int32, device=device)
+        slice_ptr[1:] = torch.bincount(rows // SELL_SLICE, minlength=slices).cumsum(0)
+        return cls(block_step_ptr, masks, slice_ptr, (cols % SELL_BLOCK)[order].to(torch.uint8),
+                   q[rows, cols][order].contiguous(), scale, k, n)
+
+    @property
+    def blocks(self) -> int:
+        return sell_blocks(self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def validate(self) -> None:
+        """Raise ValueError unless the tensors form a consistent SlicedEllInt8Weight."""
+        n, k, blocks = self.out_features, self.in_features, self.blocks
+        slices = -(-n // SELL_SLICE)
+        ptr, masks, slice_ptr = self.block_step_ptr, self.step_masks, self.slice_ptr
+        for name, t, dtype in (("block_step_ptr", ptr, torch.int32), ("step_masks", masks, torch.int64),
+                               ("slice_ptr", slice_ptr, torch.int32), ("col_offsets", self.col_offsets, torch.uint8),
+                               ("values", self.values, torch.int8)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"sliced-ELL {name} must be a 1-D {dtype} tensor, got {got}")
+            if t.device != self.values.device:
+                raise ValueError(f"sliced-ELL {name} is on {t.device} but values are on {self.values.device}")
+        _check_scale(self.scale, self.values, n)
+        if ptr.numel() != slices * blocks + 1 or slice_ptr.numel() != slices + 1:
+            raise ValueError(f"sliced-ELL pointers for N={n}, K={k} must hold {slices * blocks + 1} (block_step_ptr) "
+                             f"and {slices + 1} (slice_ptr) entries, got {ptr.numel()} and {slice_ptr.numel()}")
+        nnz = self.nnz
+        if self.col_offsets.numel() != nnz:
+            raise ValueError(f"sliced-ELL col_offsets ({self.col_offsets.numel()}) and values ({nnz}) differ in length")
+        for name, p, end in (("block_step_ptr", ptr, masks.numel()), ("slice_ptr", slice_ptr, nnz)):
+            if int(p[0]) != 0 or int(p[-1]) != end:
+                raise ValueError(f"sliced-ELL {name} must start at 0 and end at {end}, got {int(p[0])} and {int(p[-1])}")
+            if bool((p[1:] < p[:-1]).any()):
+                raise ValueError(f"sliced-ELL {name} decreases at entry {int(torch.nonzero(p[1:] < p[:-1])[0])}")
+        lanes = torch.arange(64, device=masks.device)
+        per_step = ((masks[:, None] >> lanes) & 1).sum(dim=1)
+        counts = (ptr[1:] - ptr[:-1]).to(torch.int64)
+        step_slice = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts) // blocks
+        per_slice = torch.zeros(slices, dtype=torch.int64, device=masks.device).index_add_(0, step_slice, per_step)
+        if not torch.equal(per_slice, (slice_ptr[1:] - slice_ptr[:-1]).to(torch.int64)):
+            bad = int(torch.nonzero(per_slice != (slice_ptr[1:] - slice_ptr[:-1]))[0])
+            raise ValueError(f"sliced-ELL slice {bad}: its step masks mark {int(per_slice[bad])} entries but "
+                             f"slice_ptr gives it {int(slice_ptr[bad + 1] - slice_ptr[bad])}")
+        if nnz == 0:
+            return
+        if bool((self.col_offsets >= SELL_BLOCK).any()):
+            pos = int(torch.nonzero(self.col_offsets >= SELL_BLOCK)[0])
+            raise ValueError(f"sliced-ELL column offset {int(self.col_offsets[pos])} at entry {pos} is not below "
+                             f"the block width {SELL_BLOCK}")
+        rows, columns = self.coordinates()
+        for what, index, limit in (("row", rows, n), ("column", columns, k)):
+            if bool((index >= limit).any()):
+                pos = int(torch.nonzero(index >= limit)[0])
+                raise ValueError(f"sliced-ELL entry {pos} lands in {what} {int(index[pos])}, beyond "
+                                 f"{'out' if what == 'row' else 'in'}_features={limit}")
+        flat = torch.sort(rows * k + columns).values
+        if bool((flat[1:] == flat[:-1]).any()):
+            pos = int(torch.nonzero(flat[1:] == flat[:-1])[0])
+            raise ValueError(f"sliced-ELL stores row {int(flat[pos]) // k}, column {int(flat[pos]) % k} twice")
+
+    def coordinates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 (rows, columns) of every entry, in storage order."""
+        return _ref.sell_entry_coordinates(self.block_step_ptr, self.step_masks, self.col_offsets, self.blocks)
+
+    def unpack(self) -> torch.Tensor:
+        """Dense float32 [N, K]: the dequantized masked weight."""
+        rows, columns = self.coordinates()
+        dense = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.values.device)
+        dense[rows, columns] = _dequantize(self.values, self.scale, rows)
+        return dense
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.block_step_ptr, self.step_masks, self.slice_ptr, self.col_offsets, self.values, self.scale)
 
 
 def detect_pattern(weight: torch.Tensor,

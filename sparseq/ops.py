@@ -361,6 +361,53 @@ def sparse24_int8_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     return _ref.sparse24_int8_linear(x, values, meta, w_scale, bias, act_qmax)
 
 
+def sparse_sell_int8_linear(x: torch.Tensor, block_step_ptr: torch.Tensor, step_masks: torch.Tensor,
+                            slice_ptr: torch.Tensor, col_offsets: torch.Tensor, values: torch.Tensor,
+                            w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, act_qmax: int = 127, *,
+                            in_features: Optional[int] = None, backend: Optional[str] = None,
+                            weight_checked: bool = False) -> torch.Tensor:
+    """W8A8 dynamic linear on a SlicedEllInt8Weight's tensors (N = len(w_scale)): activations
+    quantized per row like int8_linear, exact integer dots, dequantization and bias. Fast on CPUs
+    with AVX-512 VBMI2 and VNNI; elsewhere a correct portable loop. weight_checked=True: see the
+    module docstring."""
+    _check_activation(x, in_features)
+    if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
+        return torch.ops.sparseq.sparse_sell_int8_linear.default(x.contiguous(), block_step_ptr, step_masks, slice_ptr,
+                                                                 col_offsets, values, w_scale, bias, act_qmax)
+    for name, t, dtype in (("block_step_ptr", block_step_ptr, torch.int32), ("step_masks", step_masks, torch.int64),
+                           ("slice_ptr", slice_ptr, torch.int32), ("col_offsets", col_offsets, torch.uint8)):
+        _check_index(t, dtype, name, x)
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.int8:
+        raise TypeError(f"sparse_sell_int8_linear needs int8 values, got {getattr(values, 'dtype', type(values))}")
+    if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        got = f"{w_scale.dtype} {tuple(w_scale.shape)}" if isinstance(w_scale, torch.Tensor) else type(w_scale).__name__
+        raise TypeError(f"w_scale must be a float32 vector [N], got {got}")
+    n, k = w_scale.shape[0], x.shape[1]
+    slices, blocks = -(-n // _ref.SELL_SLICE), _ref.sell_blocks(k)
+    if block_step_ptr.numel() != slices * blocks + 1 or slice_ptr.numel() != slices + 1:
+        raise ValueError(f"sliced-ELL pointers for N={n}, K={k} must hold {slices * blocks + 1} (block_step_ptr) "
+                         f"and {slices + 1} (slice_ptr) entries, got {block_step_ptr.numel()} and {slice_ptr.numel()}")
+    if values.dim() != 1 or values.numel() != col_offsets.numel():
+        raise ValueError(f"values must be 1-D with one entry per column offset ({col_offsets.numel()}), "
+                         f"got shape {tuple(values.shape)}")
+    _check_sparse_values(x, values, w_scale, bias, n)
+    if act_qmax not in (63, 127):
+        raise ValueError(f"act_qmax must be 127 (8-bit activations) or 63 (7-bit), got {act_qmax}")
+    which = _resolve_backend(backend, x.device)
+    if which == "ext":  # the kernels check the pointers, masks and offsets as they read them
+        return torch.ops.sparseq.sparse_sell_int8_linear(
+            x.contiguous(), block_step_ptr.contiguous(), step_masks.contiguous(), slice_ptr.contiguous(),
+            col_offsets.contiguous(), values.contiguous(), w_scale.contiguous(), _contiguous_or_none(bias), act_qmax)
+    if which == "triton":
+        raise ValueError("sparse_sell_int8_linear has no Triton kernel; use backend='auto', 'cpu' or 'cuda'")
+    from .formats import SlicedEllInt8Weight
+
+    # The reference trusts the contents, so check them all first, with the format's clear errors.
+    SlicedEllInt8Weight(block_step_ptr, step_masks, slice_ptr, col_offsets, values, w_scale, k, n)
+    return _ref.sparse_sell_int8_linear(x, block_step_ptr, step_masks, slice_ptr, col_offsets, values, w_scale,
+                                        bias, act_qmax)
+
+
 def bsr_linear(x: torch.Tensor, block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor,
                values: torch.Tensor, w_scale: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, *, out_features: int,
@@ -453,6 +500,12 @@ if HAS_EXT:
     def _sparse24_int8_linear_fake(x, values, meta, w_scale, bias, act_qmax):
         _same_device_as_x(x, values, meta, w_scale, bias)
         return x.new_empty((x.shape[0], values.shape[0]))
+
+    @torch.library.register_fake("sparseq::sparse_sell_int8_linear")
+    def _sparse_sell_int8_linear_fake(x, block_step_ptr, step_masks, slice_ptr, col_offsets, values, w_scale, bias,
+                                      act_qmax):
+        _same_device_as_x(x, block_step_ptr, step_masks, slice_ptr, col_offsets, values, w_scale, bias)
+        return x.new_empty((x.shape[0], w_scale.shape[0]))
 
     @torch.library.register_fake("sparseq::bsr_linear")
     def _bsr_linear_fake(x, block_row_ptr, block_col_idx, values, w_scale, bias, out_features):

@@ -110,7 +110,7 @@ def test_bench_sparse_writes_table_json_and_png(tmp_path, capsys):
             "--allow-reference", "--no-progress", "--json", str(path), "--png", str(png)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "sparse/fp32" in out and "sparse/t.csr" in out and "sp.int8/t.int8" in out
+    assert "sparse/fp32" in out and "sparse/t.csr" in out and "sp.int8/t.int8" in out and "sp.w8a8/t.int8" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(path.read_text())
     assert result["settings"]["patterns"] == ["unstructured", "2:4", "block"]
@@ -125,8 +125,8 @@ def test_bench_sparse_rows_cover_the_grid(capsys):
     # 2:4 only at 50%: (unstructured, block) x 2 sparsities + 2:4, each for 2 M values
     assert len(rows) == (2 * 2 + 1) * 2
     for row in rows:
-        assert {"fp32_ms", "torch_csr_ms", "sparse_ms", "sparse_int8_ms", "sparse_vs_fp32",
-                "sparse_vs_torch_csr", "sparse_vs_sparseq_int8_dense"} <= set(row)
+        assert {"fp32_ms", "torch_csr_ms", "sparse_ms", "sparse_int8_ms", "sparse_w8a8_ms", "sparse_vs_fp32",
+                "sparse_vs_torch_csr", "sparse_vs_sparseq_int8_dense", "sparse_w8a8_vs_sparseq_int8_dense"} <= set(row)
         assert row["sparse_vs_fp32"] == pytest.approx(row["fp32_ms"] / row["sparse_ms"])
     two_four = [row for row in rows if row["pattern"] == "2:4"]
     assert all(row["sparsity"] == pytest.approx(0.5, abs=0.01) for row in two_four)

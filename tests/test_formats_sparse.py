@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from sparseq import _ref
-from sparseq.formats import (BlockSparseWeight, Sparse24Weight, SparseCSRWeight, detect_pattern)
+from sparseq.formats import (BlockSparseWeight, SlicedEllInt8Weight, Sparse24Weight, SparseCSRWeight,
+                             detect_pattern)
 
 SIZES = (1, 3, 15, 17, 33, 67)
 # Every size appears as N and as K, paired so that each odd N meets a different odd K.
@@ -334,3 +335,76 @@ def test_memory_targets_csr_90pct():
     # values and <= 8% with int8 values (1-byte offsets + 16 segment pointers per 4096-wide row).
     assert SparseCSRWeight.pack(w).nbytes <= 0.15 * dense_fp32_bytes
     assert SparseCSRWeight.pack(w, int8=True).nbytes <= 0.08 * dense_fp32_bytes
+    assert SlicedEllInt8Weight.pack(w).nbytes <= 0.08 * dense_fp32_bytes
+
+
+# ------------------------------------------------------------------------------ sliced ELL (int8)
+
+@pytest.mark.parametrize("n,k", SHAPES + ((40, 200), (16, 64), (33, 130)))
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_sell_round_trip_and_reference_matmul(n, k, sparsity):
+    w = sparse_weight(n, k, sparsity)
+    p = SlicedEllInt8Weight.pack(w)
+    csr = SparseCSRWeight.pack(w, int8=True)  # the same per-channel codes in another layout
+    assert p.nnz == csr.nnz == int((w != 0).sum())
+    assert torch.equal(p.unpack(), csr.unpack())
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(n * k))
+    q, x_scale = _ref.quantize_per_row(x, 127)
+    acc = (q.double() @ torch.round(csr.unpack().double() / csr.scale.double()[:, None]).T).to(torch.int32)
+    expected = _ref.dequant_epilogue(acc, x_scale, csr.scale, None, x.dtype)
+    out = _ref.sparse_sell_int8_linear(x, p.block_step_ptr, p.step_masks, p.slice_ptr, p.col_offsets, p.values,
+                                       p.scale, None, 127)
+    assert torch.equal(out, expected)
+
+
+def test_sell_layout():
+    # Rows 0 and 2 of one slice, columns in blocks 0 and 1 (K = 70: block 1 is 6 columns wide).
+    w = torch.zeros(3, 70)
+    w[0, [1, 2, 3, 4, 5, 66]] = 1.0
+    w[2, [0, 69]] = -1.0
+    p = SlicedEllInt8Weight.pack(w)
+    # Block 0: row 0 has 5 entries (two steps), row 2 one; block 1: one entry each (one step).
+    assert p.block_step_ptr.tolist() == [0, 2, 3]
+    lanes = [[b for b in range(64) if (int(m) >> b) & 1] for m in p.step_masks.tolist()]
+    assert lanes == [[0, 1, 2, 3, 8], [0], [0, 8]]
+    assert p.col_offsets.tolist() == [1, 2, 3, 4, 0, 5, 2, 5]
+    assert p.values.tolist() == [127, 127, 127, 127, -127, 127, 127, -127]
+    assert p.slice_ptr.tolist() == [0, 8]
+    assert p.nbytes == 3 * 4 + 3 * 8 + 2 * 4 + 8 * 2 + 3 * 4
+
+
+def test_sell_validate_rejects_bad_hand_built_instances():
+    w = torch.zeros(20, 70)
+    w[0, [1, 66]] = 1.0
+    w[17, 3] = 2.0
+    p = SlicedEllInt8Weight.pack(w)  # slices 0 (rows 0-15) and 1 (rows 16-19), blocks 0 and 1
+    assert p.block_step_ptr.tolist() == [0, 1, 2, 3, 3] and p.slice_ptr.tolist() == [0, 2, 3]
+    i32, i64, u8 = torch.int32, torch.int64, torch.uint8
+    cases = {
+        "end at 3": dict(block_step_ptr=torch.tensor([0, 1, 2, 2, 2], dtype=i32)),
+        "decreases at entry 1": dict(block_step_ptr=torch.tensor([0, 2, 1, 3, 3], dtype=i32)),
+        "must hold 5 \\(block_step_ptr\\)": dict(block_step_ptr=p.block_step_ptr[:-1]),
+        "slice 0: its step masks mark 3": dict(step_masks=p.step_masks | torch.tensor([2, 0, 0], dtype=i64)),
+        "lands in row 17, beyond out_features=17": dict(out_features=17, scale=p.scale[:17]),
+        "not below the block width 64": dict(col_offsets=torch.tensor([1, 64, 3], dtype=u8)),
+        "lands in column 71, beyond in_features=70": dict(col_offsets=torch.tensor([1, 7, 3], dtype=u8)),
+        "stores row 0, column 1 twice": dict(step_masks=torch.tensor([3, 0, 2], dtype=i64),
+                                             block_step_ptr=torch.tensor([0, 1, 1, 3, 3], dtype=i32),
+                                             col_offsets=torch.tensor([1, 1, 3], dtype=u8)),
+        "step_masks must be a 1-D torch.int64": dict(step_masks=p.step_masks.to(i32)),
+        "values must be a 1-D torch.int8": dict(values=p.values.float()),
+        "differ in length": dict(col_offsets=p.col_offsets[:2]),
+        "float32 per-output-channel scale": dict(scale=p.scale[:5]),
+    }
+    for message, fields in cases.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            replace(p, **fields)
+
+
+def test_sell_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        SlicedEllInt8Weight.pack(torch.zeros(3))
+    with pytest.raises(TypeError, match="floating point"):
+        SlicedEllInt8Weight.pack(torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        SlicedEllInt8Weight.pack(torch.full((3, 4), float("inf")))

@@ -63,6 +63,7 @@ LAYERS = {
                                                                 format="2:4", act_bits=8),
     "sparse-int8-bsr": lambda: SparseInt8Linear.from_dense(pruned_linear(48, 24, 0.75, (4, 4)),
                                                            format="bsr", block=(4, 4)),
+    "sparse-int8-sell-act8": lambda: SparseInt8Linear.from_dense(pruned_linear(48, 24, 0.9), act_bits=8),
 }
 
 HALF_LAYERS = {

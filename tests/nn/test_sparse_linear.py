@@ -51,6 +51,8 @@ LAYERS = {
     "int8-2:4": ("2:4", lambda lin: SparseInt8Linear.from_dense(lin)),
     "int8-bsr": ((4, 4), lambda lin: SparseInt8Linear.from_dense(lin, format="bsr", block=(4, 4))),
     "int8-2:4-w8a8": ("2:4", lambda lin: SparseInt8Linear.from_dense(lin, act_bits=8)),
+    "int8-sell-w8a8": ("unstructured", lambda lin: SparseInt8Linear.from_dense(lin, act_bits=8)),
+    "int8-sell-act7-w8a8": ("unstructured", lambda lin: SparseInt8Linear.from_dense(lin, format="sell", act_bits=7)),
 }
 
 
@@ -177,8 +179,12 @@ class TestBadInput:
             SparseLinear.from_dense(linear, format="bsr")
         with pytest.raises(ValueError, match="only applies to format='bsr'"):
             SparseLinear.from_dense(linear, format="csr", block=(4, 4))
-        with pytest.raises(ValueError, match="needs the 2:4 format"):
+        with pytest.raises(ValueError, match="needs the 2:4 or sell format"):
             SparseInt8Linear.from_dense(linear, format="csr", act_bits=8)
+        with pytest.raises(ValueError, match="for int8 activations: pass act_bits"):
+            SparseInt8Linear.from_dense(linear, format="sell")
+        with pytest.raises(ValueError, match="holds int8 codes for the W8A8 kernel"):
+            SparseLinear.from_dense(linear, format="sell")
         with pytest.raises(ValueError, match="unknown backend"):
             SparseLinear(16, 8, backend="gpu")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparseq import _ref, ops
-from sparseq.formats import Sparse24Weight, SparseCSRWeight
+from sparseq.formats import SlicedEllInt8Weight, Sparse24Weight, SparseCSRWeight
 
 from .test_int8_cuda import HAS_CUDA_KERNELS, ROOT, _rel_err
 
@@ -274,3 +274,50 @@ class TestSparseCsrCuda:
         assert torch.equal(ops.sparse_csr_linear(*csr), torch.ops.sparseq.sparse_csr_linear(*csr))
         s24 = (x, sw.values.cuda(), sw.meta.cuda(), None, None)
         assert torch.equal(ops.sparse24_linear(*s24), torch.ops.sparseq.sparse24_linear(*s24))
+
+
+def _sell_args(p, device="cuda"):
+    return [t.to(device) for t in (p.block_step_ptr, p.step_masks, p.slice_ptr, p.col_offsets, p.values, p.scale)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA GPU (sm_80+) and sparseq built with CUDA")
+class TestSparseSellInt8Cuda:
+    @pytest.mark.parametrize("m,n,k", [(1, 16, 1), (17, 15, 67), (5, 33, 257), (64, 130, 300), (4097, 17, 128),
+                                       (40, 64, 1030)])
+    @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+    @pytest.mark.parametrize("x_dtype", FLOATS)
+    def test_matches_reference(self, m, n, k, sparsity, x_dtype):
+        p = SlicedEllInt8Weight.pack(_csr_dense(n, k, sparsity, seed=m + n + k))
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(m, k, generator=g).to(x_dtype)
+        bias = torch.randn(n, generator=g) if m % 2 else None
+        for qmax in (127, 63):
+            ref = _ref.sparse_sell_int8_linear(x, *_sell_args(p, "cpu"), bias, qmax)
+            out = ops.sparse_sell_int8_linear(x.cuda(), *_sell_args(p), None if bias is None else bias.cuda(), qmax,
+                                              backend="cuda")
+            # The same integer dots and fp32 epilogue steps as the reference.
+            assert _rel_err(out.cpu(), ref) <= (1e-6 if x_dtype == torch.float32 else 8e-3)
+
+    def test_opcheck(self):
+        p = SlicedEllInt8Weight.pack(_csr_dense(15, 67, 0.9, seed=2))
+        x = torch.randn(17, 67, device="cuda", dtype=torch.bfloat16)
+        op = torch.ops.sparseq.sparse_sell_int8_linear.default
+        torch.library.opcheck(op, (x, *_sell_args(p), torch.randn(15, device="cuda"), 127))
+        torch.library.opcheck(op, (x.float(), *_sell_args(p), None, 63))
+
+    def test_inconsistent_weights_are_refused(self):
+        p = SlicedEllInt8Weight.pack(_csr_dense(37, 100, 0.3, seed=3))
+        x = torch.randn(3, 100, device="cuda")
+        bad_masks = p.step_masks.clone()
+        bad_masks[-1] |= 1 << 63  # a lane of a row past N
+        bad_offsets = p.col_offsets.clone()
+        bad_offsets[-1] = 63  # past K in the short last block
+        for masks, offsets in ((bad_masks, p.col_offsets), (p.step_masks, bad_offsets)):
+            args = _sell_args(p)
+            args[1], args[3] = masks.cuda(), offsets.cuda()
+            with pytest.raises(RuntimeError, match="sliced-ELL weight is inconsistent"):
+                torch.ops.sparseq.sparse_sell_int8_linear(x, *args, None, 127)
+        args = _sell_args(p)
+        with pytest.raises(RuntimeError, match="step_masks must be on x's device"):
+            torch.ops.sparseq.sparse_sell_int8_linear(x, args[0], p.step_masks, *args[2:], None, 127)

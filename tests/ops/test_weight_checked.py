@@ -8,7 +8,7 @@ import torch
 
 import sparseq
 from sparseq import ops
-from sparseq.formats import BlockSparseWeight, PackedInt8Weight, Sparse24Weight, SparseCSRWeight
+from sparseq.formats import BlockSparseWeight, PackedInt8Weight, SlicedEllInt8Weight, Sparse24Weight, SparseCSRWeight
 
 K, N, M = 37, 40, 3  # K not a multiple of 4 / of a segment: the padded paths run
 
@@ -45,13 +45,18 @@ def _case(name):
         if name == "sparse24_int8_linear":
             return ops.sparse24_int8_linear, [p.values, p.meta, p.scale, _bias()], {"act_qmax": 127}
         return ops.sparse24_linear, [p.values, p.meta, p.scale, _bias()], {}
+    if name == "sell_int8_linear":
+        p = SlicedEllInt8Weight.pack(_weight())
+        return (ops.sparse_sell_int8_linear,
+                [p.block_step_ptr, p.step_masks, p.slice_ptr, p.col_offsets, p.values, p.scale, _bias()],
+                {"act_qmax": 127})
     p = BlockSparseWeight.pack(_weight(), (4, 4))
     return (ops.bsr_linear, [p.block_row_ptr, p.block_col_idx, p.values, p.scale, _bias()],
             {"out_features": N, "indices_validated": True})
 
 
 CASES = ["int8_linear", "int8_linear_static", "int8_weight_only_linear", "csr", "csr_int8", "sparse24_linear",
-         "sparse24_int8_linear", "bsr"]
+         "sparse24_int8_linear", "sell_int8_linear", "bsr"]
 
 
 def _outcome(door, x, weights, kwargs):
@@ -121,7 +126,7 @@ def _same(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("name", ["int8_linear", "int8_linear_static", "sparse24_int8_linear"])
+@pytest.mark.parametrize("name", ["int8_linear", "int8_linear_static", "sparse24_int8_linear", "sell_int8_linear"])
 def test_bad_act_qmax_keeps_its_python_error(name):
     door, weights, kwargs = _case(name)
     x = torch.randn(M, K)

@@ -141,6 +141,32 @@ inline int64_t check_sparse24_weight(const at::Tensor& x, const at::Tensor& valu
   return n;
 }
 
+// Returns N (w_scale's length). Shapes and the pointers' two ends are checked here (O(1)); the
+// kernels check the rest of the pointers, the masks and the offsets as they read them.
+inline int64_t check_sell_weight(const at::Tensor& x, const at::Tensor& block_step_ptr, const at::Tensor& step_masks,
+                                 const at::Tensor& slice_ptr, const at::Tensor& col_offsets, const at::Tensor& values,
+                                 const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias) {
+  check_float_activation(x);
+  check_index_tensor(x, block_step_ptr, at::kInt, "block_step_ptr");
+  check_index_tensor(x, step_masks, at::kLong, "step_masks");
+  check_index_tensor(x, slice_ptr, at::kInt, "slice_ptr");
+  check_index_tensor(x, col_offsets, at::kByte, "col_offsets");
+  check_index_tensor(x, values, at::kChar, "values");
+  TORCH_CHECK(values.numel() == col_offsets.numel(), "sparseq: sliced-ELL values (", values.numel(),
+              ") and col_offsets (", col_offsets.numel(), ") must have one entry each");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.is_contiguous() &&
+                  w_scale.device() == x.device(),
+              "sparseq: w_scale must be a contiguous float32 vector on x's device, got ", w_scale.scalar_type(), " ",
+              w_scale.sizes());
+  const int64_t n = w_scale.size(0), slices = sell_slices(n), blocks = sell_blocks(x.size(1));
+  TORCH_CHECK(block_step_ptr.numel() == slices * blocks + 1 && slice_ptr.numel() == slices + 1,
+              "sparseq: for N=", n, " and K=", x.size(1), " a sliced-ELL weight has ", slices * blocks + 1,
+              " block_step_ptr and ", slices + 1, " slice_ptr entries, got ", block_step_ptr.numel(), " and ",
+              slice_ptr.numel());
+  check_bias(x, bias, n);
+  return n;
+}
+
 // Returns the number of block rows NB; N is out_features.
 inline int64_t check_bsr_weight(const at::Tensor& x, const at::Tensor& block_row_ptr,
                                 const at::Tensor& block_col_idx, const at::Tensor& values,

@@ -62,6 +62,18 @@ inline bool cpu_has_avx512_vnni() {
 #endif
 }
 
+// AVX-512 VBMI / VBMI2 sliced-ELL W8A8 kernel (sparse_sell_int8_linear_avx512.cpp): vpermb looks
+// activations up, vpexpandb spreads the packed entries, vpdpbusd sums them. Ice Lake and later
+// Xeons, Zen 4 and later; off with VNNI (and so with SPARSEQ_DISABLE_AVX512 / _VNNI).
+inline bool cpu_has_avx512_vbmi2_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+  return has && cpu_has_avx512_vnni();
+#else
+  return false;
+#endif
+}
+
 // Whether the OS lets this process use the AMX tile registers: Linux hands out their 8 KiB of
 // state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; an AMX instruction
 // without it is SIGILL). Asked once, for the whole process.
@@ -94,6 +106,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
   f["f16c"] = __builtin_cpu_supports("f16c");
   f["avx512f"] = __builtin_cpu_supports("avx512f");
   f["avx512vnni"] = __builtin_cpu_supports("avx512vnni");
+  f["avx512vbmi2"] = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
 #if SPARSEQ_AMX_COMPILER
   f["amx_int8"] = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8");
 #endif
@@ -104,6 +117,7 @@ inline std::map<std::string, bool> cpu_features_dict() {
   f["avx2_kernels_enabled"] = cpu_has_avx2_fma();
   f["avx512_kernels_enabled"] = cpu_has_avx512();
   f["vnni_kernels_enabled"] = cpu_has_avx512_vnni();
+  f["vbmi2_kernels_enabled"] = cpu_has_avx512_vbmi2_vnni();
   f["amx_kernels_enabled"] = cpu_has_amx_int8();
   return f;
 }

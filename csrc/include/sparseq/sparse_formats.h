@@ -14,6 +14,13 @@
 // BlockSparse: blocks (bh, bw); NB = ceil(N/bh) block rows, KB = ceil(K/bw) block columns;
 //              block_row_ptr int32 [NB + 1], block_col_idx int32 [nnz_blocks] (ascending within a
 //              block row), values [nnz_blocks, bh, bw]; padding rows/columns hold zeros.
+// SlicedEll:   int8 only. Slices of 16 rows, blocks of 64 columns (B = ceil(K / 64), at least 1);
+//              slice s, block b holds steps [block_step_ptr[s B + b], block_step_ptr[s B + b + 1]).
+//              A step is 64 byte lanes, lanes 4r..4r+3 for the slice's row r; step_masks int64
+//              [steps] marks the lanes in use, and its entries are the next popcount(mask) of
+//              col_offsets uint8 (column - 64 b) and values int8, in lane order. slice_ptr int32
+//              [slices + 1] gives each slice's first entry. Why: a whole step is one byte
+//              permute of a 64-byte row of x (no gather) and one vpdpbusd into 16 row sums.
 #include <cstdint>
 
 namespace sparseq {
@@ -22,5 +29,10 @@ constexpr int64_t kCsrSegment = 256;
 
 inline int64_t csr_segments(int64_t k) { return k <= 0 ? 1 : (k + kCsrSegment - 1) / kCsrSegment; }
 inline int64_t sparse24_groups(int64_t k) { return (k + 3) / 4; }
+
+constexpr int64_t kSellSlice = 16;
+constexpr int64_t kSellBlock = 64;
+inline int64_t sell_blocks(int64_t k) { return k <= 0 ? 1 : (k + kSellBlock - 1) / kSellBlock; }
+inline int64_t sell_slices(int64_t n) { return (n + kSellSlice - 1) / kSellSlice; }
 
 }  // namespace sparseq
