@@ -67,7 +67,7 @@ def _auto_format_policy() -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, ops
 
     info = bench.machine_info()
     features = ", ".join(name for name, present in info["cpu_features"].items() if present) or "none found"
@@ -90,6 +90,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("CUDA available", cuda),
         ("Triton", "available" if triton_ok else f"not available ({triton_why})"),
         ("SparseLinear auto", _auto_format_policy()),
+        ("SparseInt8 W8A8", "act_bits=8/7: 2:4 pattern -> 2:4, else sliced ELL (" +
+         ("fast kernel on this CPU)" if ops.cpu_has_sell_kernel() else
+          "portable loop on this CPU: no AVX-512 VBMI2 + VNNI; act_bits=None is faster here)")),
     ]
     width = max(len(key) for key, _ in lines)
     for key, value in lines:

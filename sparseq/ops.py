@@ -58,6 +58,17 @@ def _probe_cpu_int8_full_rate_bits() -> int:
 _CPU_INT8_FULL_RATE_BITS = _probe_cpu_int8_full_rate_bits()
 
 
+def cpu_has_sell_kernel() -> bool:
+    """Whether this CPU runs sparse_sell_int8_linear's fast kernel (AVX-512 VBMI2 + VNNI; off with
+    SPARSEQ_DISABLE_AVX512 / SPARSEQ_DISABLE_VNNI). Elsewhere the op runs a correct but slow
+    portable loop, and float activations (SparseInt8Linear's act_bits=None) are faster."""
+    if not HAS_EXT:
+        return False
+    from . import _C
+
+    return bool(_C.cpu_features().get("vbmi2_kernels_enabled", False))
+
+
 def cpu_int8_full_rate_bits() -> int:
     """The activation bits the CPU int8 core multiplies at full rate: 8 with AVX-512 VNNI
     (vpdpbusd is exact for every u8 x s8), else 7 (AVX2's vpmaddubsw is exact at full rate only

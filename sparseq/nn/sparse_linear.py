@@ -15,6 +15,7 @@ validates the result: a corrupt or inconsistent state_dict is refused with a cle
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -330,6 +331,19 @@ class BlockSparseLinear(SparseLinear):
         return cls._build(linear, "bsr", block, int8=False, backend=backend)
 
 
+_warned_slow_sell = False
+
+
+def _warn_slow_sell_once() -> None:
+    global _warned_slow_sell
+    if not _warned_slow_sell:
+        _warned_slow_sell = True
+        logging.getLogger("sparseq").warning(
+            "sparseq: this CPU has no AVX-512 VBMI2 + VNNI (or no compiled kernels), so SparseInt8Linear's "
+            "sliced-ELL W8A8 layers (act_bits set, not 2:4) run a slow portable loop here; act_bits=None "
+            "(float activations) is faster on this CPU")
+
+
 class SparseInt8Linear(SparseLinear):
     """Sparse and int8 together: symmetric per-output-channel int8 codes of the nonzeros.
 
@@ -374,6 +388,8 @@ class SparseInt8Linear(SparseLinear):
         layer = cls._build(linear, format, block, int8=True, backend=backend)
         if reason is not None:
             layer.format_reason = reason
+        if layer.format == "sell" and layer.values.device.type == "cpu" and not ops.cpu_has_sell_kernel():
+            _warn_slow_sell_once()
         layer.act_bits = act_bits  # _build skips this class's constructor
         layer._check_act_bits()
         return layer

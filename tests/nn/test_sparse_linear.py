@@ -275,3 +275,22 @@ def test_sparsify_rejects_non_modules():
         sparseq.sparsify_("model")
     with pytest.raises(ValueError, match="cannot replace the model itself"):
         sparseq.sparsify_(nn.Linear(4, 4))
+
+
+def test_sell_layers_warn_once_where_the_cpu_lacks_their_kernel(monkeypatch, caplog):
+    import sparseq.nn.sparse_linear as module
+
+    linear = pruned_linear(64, 32, 0.9)
+    monkeypatch.setattr(module, "_warned_slow_sell", False)
+    monkeypatch.setattr(sparseq.ops, "cpu_has_sell_kernel", lambda: False)
+    with caplog.at_level("WARNING", logger="sparseq"):
+        SparseInt8Linear.from_dense(linear, act_bits=8)
+        SparseInt8Linear.from_dense(linear, act_bits=8)
+        SparseInt8Linear.from_dense(linear)  # float activations: CSR, nothing to say
+    assert [r.getMessage().count("slow portable loop") for r in caplog.records] == [1]
+    monkeypatch.setattr(module, "_warned_slow_sell", False)
+    monkeypatch.setattr(sparseq.ops, "cpu_has_sell_kernel", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sparseq"):
+        SparseInt8Linear.from_dense(linear, act_bits=8)
+    assert not caplog.records
