@@ -350,11 +350,12 @@ class SparseInt8Linear(SparseLinear):
     format="auto" detects the pattern (2:4, well-filled blocks, else unstructured CSR).
     act_bits=None (default) keeps activations in float and dequantizes the codes on the fly
     (weight-only int8: the more accurate, and the fastest on CPUs without AVX-512 VBMI2 + VNNI).
-    act_bits=8 or 7 quantizes activations per row at run time (W8A8), on the 2:4 format or, for
-    any other pattern, on "sell" (SlicedEllInt8Weight), which format="auto" then picks: its CPU
-    kernel looks activations up with byte permutes instead of gathers, about 2x torch's dense
-    dynamic int8 at 90% zeros on an AVX-512 VBMI2 + VNNI CPU (Ice Lake or Zen 4 and later);
-    other CPUs run a correct but slow portable loop for it.
+    act_bits=8 or 7 quantizes activations per row at run time (W8A8), on the 2:4 format or on
+    "sell" (SlicedEllInt8Weight, any pattern). format="auto" then picks sell, except for a 2:4
+    weight where sell's CPU kernel does not run (2:4 has GPU sparse tensor cores). Sell's CPU
+    kernel looks activations up with byte permutes instead of gathers: 2-3.6x torch's dense
+    dynamic int8 at 90% zeros, M <= 16, on an AVX-512 VBMI2 + VNNI CPU (Ice Lake or Zen 4 and
+    later); other CPUs run a correct but slow portable loop for it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str = "csr",
@@ -381,9 +382,13 @@ class SparseInt8Linear(SparseLinear):
         if format == "auto" and act_bits is not None:
             if block is not None:
                 raise ValueError("block= goes with format='bsr', not format='auto'")
-            choice = choose_format(_check_linear(cls, linear), int8=True)
+            weight = _check_linear(cls, linear)
+            choice = choose_format(weight, int8=True)
             format, block, reason = choice.format, choice.block, choice.reason
-            if format != "2:4":  # the W8A8 kernels take 2:4 or sliced ELL
+            # The W8A8 kernels take 2:4 or sliced ELL. 2:4 has GPU sparse tensor cores, but on a CPU
+            # with the sliced-ELL kernel that one is faster (2:4 W8A8 there is AVX2 only).
+            on_sell_cpu = weight.device.type == "cpu" and ops.cpu_has_sell_kernel()
+            if format != "2:4" or on_sell_cpu:
                 format, block, reason = "sell", None, f"{reason}; int8 activations: sliced ELL"
         layer = cls._build(linear, format, block, int8=True, backend=backend)
         if reason is not None:

@@ -50,7 +50,8 @@ LAYERS = {
     "int8-csr": ("unstructured", lambda lin: SparseInt8Linear.from_dense(lin)),
     "int8-2:4": ("2:4", lambda lin: SparseInt8Linear.from_dense(lin)),
     "int8-bsr": ((4, 4), lambda lin: SparseInt8Linear.from_dense(lin, format="bsr", block=(4, 4))),
-    "int8-2:4-w8a8": ("2:4", lambda lin: SparseInt8Linear.from_dense(lin, act_bits=8)),
+    "int8-2:4-w8a8": ("2:4", lambda lin: SparseInt8Linear.from_dense(lin, format="2:4", act_bits=8)),
+    "int8-auto-w8a8": ("2:4", lambda lin: SparseInt8Linear.from_dense(lin, act_bits=8)),
     "int8-sell-w8a8": ("unstructured", lambda lin: SparseInt8Linear.from_dense(lin, act_bits=8)),
     "int8-sell-act7-w8a8": ("unstructured", lambda lin: SparseInt8Linear.from_dense(lin, format="sell", act_bits=7)),
 }
@@ -153,7 +154,8 @@ def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     model = nn.Sequential(build("csr")[1], nn.GELU(), SparseLinear.from_dense(pruned_linear(40, 64, 0.0, "2:4")),
                           nn.ReLU(), BlockSparseLinear.from_dense(pruned_linear(64, 24, 0.7, (4, 4)), block=(4, 4)),
-                          SparseInt8Linear.from_dense(pruned_linear(24, 8, 0.0, "2:4"), act_bits=8))
+                          SparseInt8Linear.from_dense(pruned_linear(24, 8, 0.0, "2:4"), act_bits=8),
+                          SparseInt8Linear.from_dense(pruned_linear(8, 8, 0.0, "2:4"), format="2:4", act_bits=8))
     x = gaussian(3, 5, 67)
     expected = model(x)
     out = torch.compile(model, fullgraph=True)(x)
@@ -294,3 +296,15 @@ def test_sell_layers_warn_once_where_the_cpu_lacks_their_kernel(monkeypatch, cap
     with caplog.at_level("WARNING", logger="sparseq"):
         SparseInt8Linear.from_dense(linear, act_bits=8)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("has_sell_kernel", [True, False])
+def test_auto_w8a8_format(monkeypatch, has_sell_kernel):
+    # Sliced ELL for every pattern where its CPU kernel runs; elsewhere 2:4 keeps the 2:4 kernel.
+    monkeypatch.setattr(sparseq.ops, "cpu_has_sell_kernel", lambda: has_sell_kernel)
+    two_four = SparseInt8Linear.from_dense(pruned_linear(64, 32, 0.0, "2:4"), act_bits=8)
+    assert two_four.format == ("sell" if has_sell_kernel else "2:4")
+    for linear in (pruned_linear(64, 32, 0.9), pruned_linear(64, 32, 0.75, (4, 4))):
+        layer = SparseInt8Linear.from_dense(linear, act_bits=7)
+        assert layer.format == "sell" and "int8 activations: sliced ELL" in layer.format_reason
+        assert layer.act_bits == 7
