@@ -107,7 +107,7 @@ at::Tensor sparse_sell_int8_linear_cuda(const at::Tensor& x, const at::Tensor& b
                                         const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
                                         int64_t act_qmax) {
   const int64_t n = check_sell_weight(x, block_step_ptr, step_masks, slice_ptr, col_offsets, values, w_scale, bias);
-  TORCH_CHECK(act_qmax == 127 || act_qmax == 63, "sparseq: act_qmax must be 127 or 63, got ", act_qmax);
+  check_act_qmax(act_qmax);
   TORCH_CHECK(x.is_cuda(), "sparseq: the CUDA sparse_sell_int8_linear got x on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), k = x.size(1);
