@@ -182,6 +182,8 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                     ms = interleaved_median_ms(fns, warmup, repeats, device)
                     row = {"K": k, "N": n, "pattern": pattern, "block": list(fmt_block) if fmt_block else None,
                            "sparsity": round(measured, 4), "M": m, "weight_copies": copies}
+                    if SPARSE_W8A8 in modules:  # "auto" picks it by pattern and CPU
+                        row[f"{SPARSE_W8A8}_format"] = modules[SPARSE_W8A8].format
                     row.update({f"{name}_ms": ms[name] for name in COLUMNS if name in ms})
                     for kernel, base in RATIOS:
                         if kernel in ms and base in ms:

@@ -130,6 +130,7 @@ def test_bench_sparse_rows_cover_the_grid(capsys):
         assert {"fp32_ms", "torch_csr_ms", "sparse_ms", "sparse_int8_ms", "sparse_w8a8_ms", "sparse_vs_fp32",
                 "sparse_vs_torch_csr", "sparse_vs_sparseq_int8_dense", "sparse_w8a8_vs_sparseq_int8_dense"} <= set(row)
         assert row["sparse_vs_fp32"] == pytest.approx(row["fp32_ms"] / row["sparse_ms"])
+        assert row["sparse_w8a8_format"] in ("sell", "2:4")
     two_four = [row for row in rows if row["pattern"] == "2:4"]
     assert all(row["sparsity"] == pytest.approx(0.5, abs=0.01) for row in two_four)
     blocks = [row for row in rows if row["pattern"] == "block" and row["sparsity"] > 0.7]
