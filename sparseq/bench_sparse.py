@@ -8,8 +8,9 @@ pruned to that pattern and timed, for every M, as:
   torch dynamic int8      torch.ao quantize_dynamic (fbgemm), the baseline of sparse int8
   sparseq sparse          SparseLinear in the pattern's format (csr / 2:4 / bsr)
   sparseq sparse int8     SparseInt8Linear in the same format (weight-only: float activations)
-  sparseq sparse w8a8     SparseInt8Linear with act_bits=8 (2:4, or sliced ELL for the other
-                          patterns): int8 activations, like torch's dynamic int8
+  sparseq sparse w8a8     SparseInt8Linear with act_bits=8, format "auto" (sliced ELL; 2:4 for a
+                          2:4 weight where sliced ELL's CPU kernel does not run): int8
+                          activations, like torch's dynamic int8
 The candidates of one (shape, pattern, sparsity, M) are timed interleaved, one call each per round,
 so the machine's drift hits them alike; a row holds their medians and the ratios between them.
 Weights are hot (one module per column, reused) unless ``cold``. Where the last-level cache holds

@@ -4,9 +4,9 @@ PackedInt8Weight is the int8 per-output-channel format every int8 kernel reads (
 CUDA, Triton): the n16k4 layout described in csrc/include/sparseq/packed_int8.h.
 
 The sparse formats (SparseCSRWeight, Sparse24Weight, BlockSparseWeight, and the int8-only
-SlicedEllInt8Weight) store exactly the zeros already in a weight: unpack() returns the masked weight bit for bit (after the cast to the
-stored value dtype), or, with int8=True, the dequantized per-output-channel int8 weight
-q[n, k] * scale[n] with the same sparsity structure. Their reference matmuls live in _ref.py
+SlicedEllInt8Weight) store exactly the zeros already in a weight: unpack() returns the masked
+weight bit for bit (after the cast to the stored value dtype), or, with int8=True, the
+dequantized per-output-channel int8 weight q[n, k] * scale[n] with the same sparsity structure. Their reference matmuls live in _ref.py
 and read the packed tensors directly, so they exercise each format's indexing.
 """
 from __future__ import annotations

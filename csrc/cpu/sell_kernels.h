@@ -34,8 +34,8 @@ struct SellInt8Problem {
   int64_t ldc = 0;
 };
 
-// The steps [*begin, *end) of slice s, after checking that its block pointers ascend inside
-// [0, steps] and its entries [*e_begin, *e_end) lie inside [0, nnz].
+// Checks that slice s's block pointers ascend inside [0, steps], and gives its entries
+// [*e_begin, *e_end), checked to lie inside [0, nnz].
 inline bool sell_slice_ranges(const SellInt8Problem& p, int64_t s, int64_t* e_begin, int64_t* e_end) {
   const int32_t* ptr = p.block_step_ptr + s * p.blocks;
   if (ptr[0] < 0 || ptr[p.blocks] > p.steps) return false;

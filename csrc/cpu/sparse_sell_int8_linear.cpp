@@ -2,8 +2,8 @@
 // by the int8_linear quantizer (offset form, bit-exact with _ref.quantize_per_row), exact int32
 // dots of each row's entries, then float(acc) * (x_scale[m] * w_scale[n]) + bias[n]. The
 // AVX-512 VBMI2 + VNNI kernel is in sparse_sell_int8_linear_avx512.cpp; the portable loop below
-// runs on other CPUs (correct, not fast: SparseInt8Linear picks this format only where the
-// AVX-512 kernel runs).
+// runs on other CPUs (correct, not fast: SparseInt8Linear warns there, where float activations
+// are the fast sparse int8 path).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>

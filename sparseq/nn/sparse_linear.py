@@ -393,10 +393,10 @@ class SparseInt8Linear(SparseLinear):
         layer = cls._build(linear, format, block, int8=True, backend=backend)
         if reason is not None:
             layer.format_reason = reason
-        if layer.format == "sell" and layer.values.device.type == "cpu" and not ops.cpu_has_sell_kernel():
-            _warn_slow_sell_once()
         layer.act_bits = act_bits  # _build skips this class's constructor
         layer._check_act_bits()
+        if layer.format == "sell" and layer.values.device.type == "cpu" and not ops.cpu_has_sell_kernel():
+            _warn_slow_sell_once()
         return layer
 
     def _linear_2d(self, x2d: torch.Tensor) -> torch.Tensor:
