@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 import sparseq
-from sparseq.nn import (BlockSparseLinear, Int8WeightOnlyLinear, Sparse24Linear, SparseInt8Linear,
+from sparseq.nn import (BlockSparseLinear, Int8Linear, Int8WeightOnlyLinear, Sparse24Linear, SparseInt8Linear,
                         SparseLinear, choose_format)
 
 
@@ -261,6 +261,23 @@ def test_sparsify_int8_filter_and_skip():
     prune.l1_unstructured(model[0], "weight", amount=0.9)
     sparseq.sparsify_(model, skip=["0"])
     assert not isinstance(model[0], SparseLinear)
+
+
+def test_sparsify_int8_activations():
+    model = mlp()
+    prune.l1_unstructured(model[0], "weight", amount=0.9)
+    prune.l1_unstructured(model[4], "weight", amount=0.1)
+    x = gaussian(5, 96)
+    expected = model(x)
+    sparseq.sparsify_(model, int8=True, act_bits=8)
+    assert isinstance(model[0], SparseInt8Linear) and model[0].act_bits == 8 and model[0].format == "sell"
+    assert type(model[2]) is nn.Linear  # no zeros: untouched
+    assert isinstance(model[4], Int8Linear) and model[4].act_bits == 8  # too dense for sparsity to pay
+    torch.testing.assert_close(model(x), expected, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="goes with int8=True"):
+        sparseq.sparsify_(mlp(), act_bits=8)
+    with pytest.raises(ValueError, match="act_bits must be"):
+        sparseq.sparsify_(mlp(), int8=True, act_bits=4)
 
 
 def test_sparsify_leaves_attention_out_proj_alone():
