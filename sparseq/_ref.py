@@ -248,19 +248,30 @@ def sell_blocks(in_features: int) -> int:
     return max(1, -(-in_features // SELL_BLOCK))
 
 
-def sell_entry_coordinates(block_step_ptr: torch.Tensor, step_masks: torch.Tensor, col_offsets: torch.Tensor,
-                           blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 (rows, columns) of a SlicedEllInt8Weight's entries, in storage order: step by step,
-    and within a step by ascending lane (bit) of its mask; lane l belongs to row 16 s + l // 4."""
+def sell_entry_lanes(block_step_ptr: torch.Tensor, step_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (slice_block, lane) of a SlicedEllInt8Weight's entries, in storage order: step by
+    step, and within a step by ascending lane (bit) of its mask; slice_block = slice * B + block."""
     counts = (block_step_ptr[1:] - block_step_ptr[:-1]).to(torch.int64)
     step_block = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     lanes = torch.arange(64, device=step_masks.device)
     bits = ((step_masks.to(torch.int64)[:, None] >> lanes) & 1).bool()  # bit 63 survives the sign
     step, lane = bits.nonzero(as_tuple=True)
-    slice_block = step_block[step]
+    return step_block[step], lane
+
+
+def sell_lane_coordinates(slice_block: torch.Tensor, lane: torch.Tensor, col_offsets: torch.Tensor,
+                          blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (rows, columns) of the entries sell_entry_lanes located: lane l of slice s holds
+    row 16 s + l // 4."""
     rows = (slice_block // blocks) * SELL_SLICE + lane // SELL_SLOTS
     columns = (slice_block % blocks) * SELL_BLOCK + col_offsets.to(torch.int64)
     return rows, columns
+
+
+def sell_entry_coordinates(block_step_ptr: torch.Tensor, step_masks: torch.Tensor, col_offsets: torch.Tensor,
+                           blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (rows, columns) of a SlicedEllInt8Weight's entries, in storage order."""
+    return sell_lane_coordinates(*sell_entry_lanes(block_step_ptr, step_masks), col_offsets, blocks)
 
 
 def sparse_sell_int8_linear(x: torch.Tensor, block_step_ptr: torch.Tensor, step_masks: torch.Tensor,

@@ -583,11 +583,9 @@ class SlicedEllInt8Weight:
                 raise ValueError(f"sliced-ELL {name} must start at 0 and end at {end}, got {int(p[0])} and {int(p[-1])}")
             if bool((p[1:] < p[:-1]).any()):
                 raise ValueError(f"sliced-ELL {name} decreases at entry {int(torch.nonzero(p[1:] < p[:-1])[0])}")
-        lanes = torch.arange(64, device=masks.device)
-        per_step = ((masks[:, None] >> lanes) & 1).sum(dim=1)
-        counts = (ptr[1:] - ptr[:-1]).to(torch.int64)
-        step_slice = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts) // blocks
-        per_slice = torch.zeros(slices, dtype=torch.int64, device=masks.device).index_add_(0, step_slice, per_step)
+        # The mask bits are decoded once: they give the per-slice counts here and the coordinates below.
+        slice_block, lane = _ref.sell_entry_lanes(ptr, masks)
+        per_slice = torch.bincount(slice_block // blocks, minlength=slices)
         if not torch.equal(per_slice, (slice_ptr[1:] - slice_ptr[:-1]).to(torch.int64)):
             bad = int(torch.nonzero(per_slice != (slice_ptr[1:] - slice_ptr[:-1]))[0])
             raise ValueError(f"sliced-ELL slice {bad}: its step masks mark {int(per_slice[bad])} entries but "
@@ -598,7 +596,7 @@ class SlicedEllInt8Weight:
             pos = int(torch.nonzero(self.col_offsets >= SELL_BLOCK)[0])
             raise ValueError(f"sliced-ELL column offset {int(self.col_offsets[pos])} at entry {pos} is not below "
                              f"the block width {SELL_BLOCK}")
-        rows, columns = self.coordinates()
+        rows, columns = _ref.sell_lane_coordinates(slice_block, lane, self.col_offsets, blocks)
         for what, index, limit in (("row", rows, n), ("column", columns, k)):
             if bool((index >= limit).any()):
                 pos = int(torch.nonzero(index >= limit)[0])
