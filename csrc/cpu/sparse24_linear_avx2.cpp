@@ -84,6 +84,7 @@ SPARSEQ_AVX2 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int64
   constexpr int kWidth = 8 * kVectors;
   constexpr int64_t kBlockGroups = 16 * 1024 / (4 * kWidth * sizeof(float));
   static_assert(2 * kBlockGroups <= kTileValueScratch, "a block's widened values must fit values_f32");
+  static_assert(kBlockGroups % 2 == 0, "a block must start on a meta byte (2 groups)");
   using Accumulators = TileAccumulators<kVectors, kVectors == 4 ? 2 : 4>;  // 8 independent FMA chains
   sparse24_tile_walk<kWidth, Accumulators>(p, m0, n_begin, n_end, kBlockGroups, partial, values_f32);
 }

@@ -20,6 +20,7 @@ SPARSEQ_AVX512 void sparse24_tile_rows(const Sparse24Problem& p, int64_t m0, int
   constexpr int kWidth = 16 * kVectors;
   constexpr int64_t kBlockGroups = 32 * 1024 / (4 * kWidth * sizeof(float));
   static_assert(2 * kBlockGroups <= kTileValueScratch, "a block's widened values must fit values_f32");
+  static_assert(kBlockGroups % 2 == 0, "a block must start on a meta byte (2 groups)");
   sparse24_tile_walk<kWidth, TileAccumulators512<kVectors>>(p, m0, n_begin, n_end, kBlockGroups, partial,
                                                             values_f32);
 }

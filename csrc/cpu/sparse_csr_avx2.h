@@ -24,6 +24,7 @@ inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
 // row's entries then replaces a loop per segment). Every segment is expanded 32 entries at a
 // time, the first 32 unconditionally (the next segment overwrites the excess; `columns` has 32
 // spare entries), so a typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
+template <int kShift = 0>
 SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[s0];
@@ -43,7 +44,7 @@ SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t 
       for (int q = 0; q < 4; ++q) {
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * q),
-                            _mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base));
+                            _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base), kShift));
       }
       i += 32;
     } while (i < count);

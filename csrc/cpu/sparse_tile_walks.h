@@ -4,6 +4,8 @@
 // they take that kernel's ISA, and the Accumulators type (avx2::TileAccumulators or
 // avx512::TileAccumulators512) brings the FMA step of that ISA.
 #include <algorithm>
+#include <climits>
+#include <cstring>
 
 #include "sparse_csr_avx2.h"
 
@@ -33,9 +35,30 @@ SPARSEQ_ALWAYS_INLINE void csr_row_walk(const CsrProblem& p, int64_t n, int64_t 
     widen_values(p.values, p.value_type, begin, count, values_f32);
     w = values_f32;
   }
-  expand_columns(p, n, s0, s1, columns);
   const bool whole_row = s1 - s0 == p.segments;
   int64_t e = 0;
+  constexpr int64_t kRowBytes = kWidth * sizeof(float);
+  if constexpr (!kPrefetchTileRows && kSets % 2 == 0) {
+    if (p.x.k_pad <= INT32_MAX / kRowBytes) {
+      // Columns as byte offsets of their tile rows, two per 64-bit load: a nonzero then costs two
+      // loads (its value, broadcast, and its tile row) instead of three.
+      expand_columns<__builtin_ctzll(kRowBytes)>(p, n, s0, s1, columns);
+      const char* tile_bytes = reinterpret_cast<const char*>(tile);
+      for (; e + kSets <= count; e += kSets) {
+        if (whole_row && e % 16 == 0) prefetch_stream(p, begin + e);
+        for (int set = 0; set < kSets; set += 2) {
+          uint64_t pair;
+          std::memcpy(&pair, columns + e + set, sizeof(pair));
+          acc.fma(set, w + e + set, reinterpret_cast<const float*>(tile_bytes + static_cast<uint32_t>(pair)));
+          acc.fma(set + 1, w + e + set + 1, reinterpret_cast<const float*>(tile_bytes + (pair >> 32)));
+        }
+      }
+      for (; e < count; ++e)
+        acc.fma(0, w + e, reinterpret_cast<const float*>(tile_bytes + static_cast<uint32_t>(columns[e])));
+      return;
+    }
+  }
+  expand_columns(p, n, s0, s1, columns);
   for (; e + kSets <= count; e += kSets) {
     if (whole_row && e % 16 == 0) prefetch_stream(p, begin + e);
     for (int set = 0; set < kSets; ++set) {
@@ -79,18 +102,27 @@ SPARSEQ_ALWAYS_INLINE void sparse24_tile_walk(const Sparse24Problem& p, int64_t 
       w -= 2 * g0;  // indexed by group below
       Accumulators acc;
       acc.zero();
-      // A meta byte covers 2 groups = 8 columns and 4 stored values, one per accumulator set.
+      // A meta byte covers 2 groups = 8 columns and 4 stored values; two bytes per step feed 8
+      // chains. Positions become byte offsets of tile rows with one shift and one mask each.
+      constexpr int64_t kRowBytes = kWidth * sizeof(float);
+      const char* tile_bytes = reinterpret_cast<const char*>(tile);
+      const uint8_t* meta_step = meta + g0 / 2;
       int64_t g = g0;
-      for (; g + 2 <= g1; g += 2) {
-        const uint32_t bits = meta[g / 2];
-        const float* x8 = tile + 4 * g * kWidth;
-        acc.fma(0, w + 2 * g, x8 + (bits & 3) * kWidth);
-        acc.fma(1 % kSets, w + 2 * g + 1, x8 + ((bits >> 2) & 3) * kWidth);
-        acc.fma(2 % kSets, w + 2 * g + 2, x8 + (4 + ((bits >> 4) & 3)) * kWidth);
-        acc.fma(3 % kSets, w + 2 * g + 3, x8 + (4 + (bits >> 6)) * kWidth);
+      for (; g + 4 <= g1; g += 4, meta_step += 2) {
+        const uint64_t bits = static_cast<uint64_t>(meta_step[0] | meta_step[1] << 8) * kRowBytes;
+        const char* x16 = tile_bytes + 4 * g * kRowBytes;
+        const float* w8 = w + 2 * g;
+        acc.fma(0, w8 + 0, reinterpret_cast<const float*>(x16 + (bits & 3 * kRowBytes)));
+        acc.fma(1 % kSets, w8 + 1, reinterpret_cast<const float*>(x16 + ((bits >> 2) & 3 * kRowBytes)));
+        acc.fma(2 % kSets, w8 + 2, reinterpret_cast<const float*>(x16 + 4 * kRowBytes + ((bits >> 4) & 3 * kRowBytes)));
+        acc.fma(3 % kSets, w8 + 3, reinterpret_cast<const float*>(x16 + 4 * kRowBytes + ((bits >> 6) & 3 * kRowBytes)));
+        acc.fma(4 % kSets, w8 + 4, reinterpret_cast<const float*>(x16 + 8 * kRowBytes + ((bits >> 8) & 3 * kRowBytes)));
+        acc.fma(5 % kSets, w8 + 5, reinterpret_cast<const float*>(x16 + 8 * kRowBytes + ((bits >> 10) & 3 * kRowBytes)));
+        acc.fma(6 % kSets, w8 + 6, reinterpret_cast<const float*>(x16 + 12 * kRowBytes + ((bits >> 12) & 3 * kRowBytes)));
+        acc.fma(7 % kSets, w8 + 7, reinterpret_cast<const float*>(x16 + 12 * kRowBytes + ((bits >> 14) & 3 * kRowBytes)));
       }
-      if (g < g1) {  // the odd last group
-        const uint32_t bits = meta[g / 2];
+      for (; g < g1; ++g) {  // the last 1..3 groups
+        const uint32_t bits = meta[g / 2] >> (4 * (g % 2));
         acc.fma(0, w + 2 * g, tile + (4 * g + (bits & 3)) * kWidth);
         acc.fma(1 % kSets, w + 2 * g + 1, tile + (4 * g + ((bits >> 2) & 3)) * kWidth);
       }
