@@ -91,8 +91,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("Triton", "available" if triton_ok else f"not available ({triton_why})"),
         ("SparseLinear auto", _auto_format_policy()),
         ("SparseInt8 W8A8", "act_bits=8/7: sliced ELL (fast kernel on this CPU)" if ops.cpu_has_sell_kernel() else
-         "act_bits=8/7: 2:4 pattern -> 2:4, else sliced ELL (portable loop on this CPU: no AVX-512 VBMI2 + "
-         "VNNI; act_bits=None is faster here)"),
+         "act_bits=8/7: 2:4 pattern -> 2:4, else sliced ELL (AVX2 kernel, or a portable loop without AVX2, "
+         "on this CPU: no AVX-512 VBMI2 + VNNI; act_bits=None is faster here)"),
     ]
     width = max(len(key) for key, _ in lines)
     for key, value in lines:

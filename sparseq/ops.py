@@ -60,8 +60,9 @@ _CPU_INT8_FULL_RATE_BITS = _probe_cpu_int8_full_rate_bits()
 
 def cpu_has_sell_kernel() -> bool:
     """Whether this CPU runs sparse_sell_int8_linear's fast kernel (AVX-512 VBMI2 + VNNI; off with
-    SPARSEQ_DISABLE_AVX512 / SPARSEQ_DISABLE_VNNI). Elsewhere the op runs a correct but slow
-    portable loop, and float activations (SparseInt8Linear's act_bits=None) are faster."""
+    SPARSEQ_DISABLE_AVX512 / SPARSEQ_DISABLE_VNNI). Elsewhere the op runs its AVX2 kernel (a
+    portable loop without AVX2), and float activations (SparseInt8Linear's act_bits=None) are
+    faster."""
     if not HAS_EXT:
         return False
     from . import _C
@@ -379,8 +380,8 @@ def sparse_sell_int8_linear(x: torch.Tensor, block_step_ptr: torch.Tensor, step_
                             weight_checked: bool = False) -> torch.Tensor:
     """W8A8 dynamic linear on a SlicedEllInt8Weight's tensors (N = len(w_scale)): activations
     quantized per row like int8_linear, exact integer dots, dequantization and bias. Fast on CPUs
-    with AVX-512 VBMI2 and VNNI; elsewhere a correct portable loop. weight_checked=True: see the
-    module docstring."""
+    with AVX-512 VBMI2 and VNNI; an AVX2 kernel (slower than float activations from M=16) or,
+    without AVX2, a portable loop elsewhere. weight_checked=True: see the module docstring."""
     _check_activation(x, in_features)
     if act_qmax in (63, 127) and _kernel_checks_weights(weight_checked, backend, x):
         return torch.ops.sparseq.sparse_sell_int8_linear.default(x.contiguous(), block_step_ptr, step_masks, slice_ptr,

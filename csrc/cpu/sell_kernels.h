@@ -1,7 +1,7 @@
 #pragma once
 // Raw-pointer interface of the sliced-ELL W8A8 CPU kernels, shared by the op file
-// (sparse_sell_int8_linear.cpp, which includes torch) and its AVX-512 file (which must not; see
-// int8_kernels.h). Layout: sparseq/sparse_formats.h.
+// (sparse_sell_int8_linear.cpp, which includes torch) and its AVX-512 and AVX2 files (which must
+// not; see int8_kernels.h). Layout: sparseq/sparse_formats.h.
 #include <cstdint>
 
 #include "int8_kernels.h"
@@ -13,6 +13,7 @@ namespace sparseq::cpu {
 // then out = float(acc) * (x_scale[m] * w_scale[n]) + bias[n] in out_type.
 struct SellInt8Problem {
   const uint8_t* xu = nullptr;  // [m, ldx] offset-form activations q + act_offset; ldx >= 64 * blocks
+  const uint8_t* xd = nullptr;  // AVX2 kernel only: xu's quarters XORed (sell_xor_quarters_avx2)
   int64_t ldx = 0;
   int32_t act_offset = 0;
   const int32_t* block_step_ptr = nullptr;  // [slices * blocks + 1]; ends checked by the op, the rest here
@@ -61,5 +62,11 @@ inline int64_t sell_block_width(const SellInt8Problem& p, int64_t b) {
 // inconsistent there (outputs then unspecified; nothing is read out of bounds).
 bool sell_int8_slices_avx512(const SellInt8Problem& p, int64_t m_begin, int64_t m_end, int64_t s_begin,
                              int64_t s_end);
+// The same on AVX2; reads p.xd, not p.xu.
+bool sell_int8_slices_avx2(const SellInt8Problem& p, int64_t m_begin, int64_t m_end, int64_t s_begin,
+                           int64_t s_end);
+// xd [m, ldx] from xu: in every 64-byte block, quarter 0 as is and quarter q (16 bytes) XOR
+// quarter q - 1, the tables of the AVX2 kernel's lookup.
+void sell_xor_quarters_avx2(const uint8_t* xu, int64_t m, int64_t ldx, uint8_t* xd);
 
 }  // namespace sparseq::cpu

@@ -1,9 +1,9 @@
 // CPU sparse_sell_int8_linear (W8A8 dynamic on a sliced-ELL int8 weight): x quantized per row
 // by the int8_linear quantizer (offset form, bit-exact with _ref.quantize_per_row), exact int32
 // dots of each row's entries, then float(acc) * (x_scale[m] * w_scale[n]) + bias[n]. The
-// AVX-512 VBMI2 + VNNI kernel is in sparse_sell_int8_linear_avx512.cpp; the portable loop below
-// runs on other CPUs (correct, not fast: SparseInt8Linear warns there, where float activations
-// are the fast sparse int8 path).
+// AVX-512 VBMI2 + VNNI kernel is in sparse_sell_int8_linear_avx512.cpp, the AVX2 one in
+// sparse_sell_int8_linear_avx2.cpp; the portable loop below runs on other CPUs (correct, not
+// fast).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -63,6 +63,7 @@ bool sell_slices_portable(const SellInt8Problem& p, int64_t m_begin, int64_t m_e
 
 bool run_sell_slices(const SellInt8Problem& p, bool use_avx512, int64_t m0, int64_t m1, int64_t s0, int64_t s1) {
   if (use_avx512) return sell_int8_slices_avx512(p, m0, m1, s0, s1);
+  if (p.xd != nullptr) return sell_int8_slices_avx2(p, m0, m1, s0, s1);
   switch (p.out_type) {
     case OutType::kBFloat16: return sell_slices_portable<c10::BFloat16>(p, m0, m1, s0, s1);
     case OutType::kFloat16: return sell_slices_portable<c10::Half>(p, m0, m1, s0, s1);
@@ -89,9 +90,9 @@ at::Tensor sparse_sell_int8_linear_cpu(const at::Tensor& x, const at::Tensor& bl
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
 
-  const bool use_avx512 = cpu_has_avx512_vbmi2_vnni();
+  const bool use_avx512 = cpu_has_avx512_vbmi2_vnni(), use_avx2 = !use_avx512 && cpu_has_avx2_fma();
   const int32_t qmax = static_cast<int32_t>(act_qmax);
-  // Whole 64-column blocks: the AVX-512 kernel reads a block's full 64 bytes (offsets past K are
+  // Whole 64-column blocks: the AVX-512 and AVX2 kernels read a block's full 64 bytes (offsets past K are
   // refused, so the padding is never used).
   const int64_t ldx = blocks * kSellBlock;
   at::Tensor xu = at::empty({m, ldx}, x.options().dtype(at::kByte));
@@ -99,9 +100,16 @@ at::Tensor sparse_sell_int8_linear_cpu(const at::Tensor& x, const at::Tensor& bl
   quantize_activation_rows(x, qmax, xu.mutable_data_ptr<uint8_t>(), nullptr, ldx, x_scale.mutable_data_ptr<float>(),
                            cpu_has_avx2_fma());
 
+  at::Tensor xd;
+  if (use_avx2) {
+    xd = at::empty({m, ldx}, xu.options());
+    sell_xor_quarters_avx2(xu.const_data_ptr<uint8_t>(), m, ldx, xd.mutable_data_ptr<uint8_t>());
+  }
+
   const at::Tensor bias_f32 = bias_as_float(bias);
   SellInt8Problem p;
   p.xu = xu.const_data_ptr<uint8_t>();
+  p.xd = use_avx2 ? xd.const_data_ptr<uint8_t>() : nullptr;
   p.ldx = ldx;
   p.act_offset = qmax + 1;
   p.block_step_ptr = step_ptr;

@@ -1,6 +1,6 @@
 """CPU sparse_sell_int8_linear (W8A8 on a sliced-ELL int8 weight) against sparseq._ref: bit-exact
-outputs on every CPU path (the AVX-512 VBMI2 kernel where the CPU has it, the portable loop
-elsewhere), and a clear error for every kind of inconsistent weight."""
+outputs on every CPU path (the AVX-512 VBMI2 kernel where the CPU has it, the AVX2 kernel, the
+portable loop), and a clear error for every kind of inconsistent weight."""
 from __future__ import annotations
 
 import pytest
