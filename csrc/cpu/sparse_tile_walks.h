@@ -112,14 +112,11 @@ SPARSEQ_ALWAYS_INLINE void sparse24_tile_walk(const Sparse24Problem& p, int64_t 
         const uint64_t bits = static_cast<uint64_t>(meta_step[0] | meta_step[1] << 8) * kRowBytes;
         const char* x16 = tile_bytes + 4 * g * kRowBytes;
         const float* w8 = w + 2 * g;
-        acc.fma(0, w8 + 0, reinterpret_cast<const float*>(x16 + (bits & 3 * kRowBytes)));
-        acc.fma(1 % kSets, w8 + 1, reinterpret_cast<const float*>(x16 + ((bits >> 2) & 3 * kRowBytes)));
-        acc.fma(2 % kSets, w8 + 2, reinterpret_cast<const float*>(x16 + 4 * kRowBytes + ((bits >> 4) & 3 * kRowBytes)));
-        acc.fma(3 % kSets, w8 + 3, reinterpret_cast<const float*>(x16 + 4 * kRowBytes + ((bits >> 6) & 3 * kRowBytes)));
-        acc.fma(4 % kSets, w8 + 4, reinterpret_cast<const float*>(x16 + 8 * kRowBytes + ((bits >> 8) & 3 * kRowBytes)));
-        acc.fma(5 % kSets, w8 + 5, reinterpret_cast<const float*>(x16 + 8 * kRowBytes + ((bits >> 10) & 3 * kRowBytes)));
-        acc.fma(6 % kSets, w8 + 6, reinterpret_cast<const float*>(x16 + 12 * kRowBytes + ((bits >> 12) & 3 * kRowBytes)));
-        acc.fma(7 % kSets, w8 + 7, reinterpret_cast<const float*>(x16 + 12 * kRowBytes + ((bits >> 14) & 3 * kRowBytes)));
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {  // value j sits in group g + j / 2, at position bits 2j..2j+1
+          const char* x_row = x16 + 4 * (j / 2) * kRowBytes + ((bits >> (2 * j)) & 3 * kRowBytes);
+          acc.fma(j % kSets, w8 + j, reinterpret_cast<const float*>(x_row));
+        }
       }
       for (; g < g1; ++g) {  // the last 1..3 groups
         const uint32_t bits = meta[g / 2] >> (4 * (g % 2));
