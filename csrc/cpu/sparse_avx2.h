@@ -75,6 +75,7 @@ SPARSEQ_AVX2 inline void store_result_block(const SparseEpilogue& ep, const Resu
 template <int kVectors, int kSetCount>
 struct TileAccumulators {
   static constexpr int kSets = kSetCount;
+  static constexpr bool kOwnExpansion = false;  // the walks expand columns with avx2::expand_columns
   __m256 v[kSets][kVectors];
 
   SPARSEQ_AVX2 void zero() {

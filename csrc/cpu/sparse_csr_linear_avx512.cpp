@@ -21,7 +21,7 @@ SPARSEQ_AVX512 bool csr_decode_row(const CsrProblem& p, int64_t n, int32_t* colu
   if (!row_segments_valid(p, n)) return false;
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   const int64_t start = ptr[0], count = ptr[p.segments] - start;
-  expand_columns(p, n, 0, p.segments, columns);
+  avx512::expand_columns(p, n, 0, p.segments, columns);
   const float* x = p.x.x_rows;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t e = 0;

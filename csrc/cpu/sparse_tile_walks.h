@@ -2,7 +2,8 @@
 // The walks of the sparse tile kernels, shared by their AVX2 and AVX-512 versions. They carry no
 // target attribute and are always inlined: inside a kernel marked SPARSEQ_AVX2 or SPARSEQ_AVX512
 // they take that kernel's ISA, and the Accumulators type (avx2::TileAccumulators or
-// avx512::TileAccumulators512) brings the FMA step of that ISA.
+// avx512::TileAccumulators512) brings the FMA step of that ISA (and, with kOwnExpansion, its
+// column expansion).
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -42,7 +43,12 @@ SPARSEQ_ALWAYS_INLINE void csr_row_walk(const CsrProblem& p, int64_t n, int64_t 
     if (p.x.k_pad <= INT32_MAX / kRowBytes) {
       // Columns as byte offsets of their tile rows, two per 64-bit load: a nonzero then costs two
       // loads (its value, broadcast, and its tile row) instead of three.
-      expand_columns<__builtin_ctzll(kRowBytes)>(p, n, s0, s1, columns);
+      constexpr int kShift = __builtin_ctzll(kRowBytes);
+      if constexpr (Accumulators::kOwnExpansion) {
+        Accumulators::template expand_columns<kShift>(p, n, s0, s1, columns);
+      } else {
+        expand_columns<kShift>(p, n, s0, s1, columns);
+      }
       const char* tile_bytes = reinterpret_cast<const char*>(tile);
       for (; e + kSets <= count; e += kSets) {
         if (whole_row && e % 16 == 0) prefetch_stream(p, begin + e);
@@ -53,8 +59,10 @@ SPARSEQ_ALWAYS_INLINE void csr_row_walk(const CsrProblem& p, int64_t n, int64_t 
           acc.fma(set + 1, w + e + set + 1, reinterpret_cast<const float*>(tile_bytes + (pair >> 32)));
         }
       }
-      for (; e < count; ++e)
-        acc.fma(0, w + e, reinterpret_cast<const float*>(tile_bytes + static_cast<uint32_t>(columns[e])));
+      #pragma GCC unroll 8
+      for (int set = 0; set < kSets - 1; ++set)  // the last < kSets entries, each in its own chain
+        if (e + set < count)
+          acc.fma(set, w + e + set, reinterpret_cast<const float*>(tile_bytes + static_cast<uint32_t>(columns[e + set])));
       return;
     }
   }
