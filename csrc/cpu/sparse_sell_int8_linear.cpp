@@ -92,8 +92,8 @@ at::Tensor sparse_sell_int8_linear_cpu(const at::Tensor& x, const at::Tensor& bl
 
   const bool use_avx512 = cpu_has_avx512_vbmi2_vnni(), use_avx2 = !use_avx512 && cpu_has_avx2_fma();
   const int32_t qmax = static_cast<int32_t>(act_qmax);
-  // Whole 64-column blocks: the AVX-512 and AVX2 kernels read a block's full 64 bytes (offsets past K are
-  // refused, so the padding is never used).
+  // Whole 64-column blocks: the AVX-512 and AVX2 kernels read a block's full 64 bytes (offsets
+  // past K are refused, so the padding is never used).
   const int64_t ldx = blocks * kSellBlock;
   at::Tensor xu = at::empty({m, ldx}, x.options().dtype(at::kByte));
   at::Tensor x_scale = at::empty({m}, x.options().dtype(at::kFloat));

@@ -61,8 +61,10 @@ SPARSEQ_ALWAYS_INLINE void csr_row_walk(const CsrProblem& p, int64_t n, int64_t 
       }
       #pragma GCC unroll 8
       for (int set = 0; set < kSets - 1; ++set)  // the last < kSets entries, each in its own chain
-        if (e + set < count)
-          acc.fma(set, w + e + set, reinterpret_cast<const float*>(tile_bytes + static_cast<uint32_t>(columns[e + set])));
+        if (e + set < count) {
+          const uint32_t offset = static_cast<uint32_t>(columns[e + set]);
+          acc.fma(set, w + e + set, reinterpret_cast<const float*>(tile_bytes + offset));
+        }
       return;
     }
   }
