@@ -45,20 +45,11 @@ SPARSEQ_AVX512 inline __m512 load16_values(const void* values, ValueType t, int6
 // entries past the row's count (this writes at most 15 past).
 template <int kShift = 0>
 SPARSEQ_AVX512 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
-  const int32_t* ptr = p.seg_ptr + n * p.segments;
-  const int64_t start = ptr[s0];
-  for (int64_t s = s0; s < s1; ++s) {
-    const __m512i base = _mm512_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
-    const int64_t count = ptr[s + 1] - ptr[s];
-    int32_t* out = columns + (ptr[s] - start);
-    int64_t i = 0;
-    do {
-      const int64_t e = ptr[s] + i;
-      const __m128i bytes = _mm_maskz_loadu_epi8(first_lanes(p.nnz - e), p.col_offsets + e);
-      _mm512_storeu_si512(out + i, _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtepu8_epi32(bytes), base), kShift));
-      i += 16;
-    } while (i < count);
-  }
+  for_segment_steps<16>(p, n, s0, s1, columns, [&](int32_t* out, int64_t e, int32_t first_column) SPARSEQ_AVX512 {
+    const __m128i bytes = _mm_maskz_loadu_epi8(first_lanes(p.nnz - e), p.col_offsets + e);
+    const __m512i columns16 = _mm512_add_epi32(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(first_column));
+    _mm512_storeu_si512(out, _mm512_slli_epi32(columns16, kShift));
+  });
 }
 
 // Accumulators of one output row against one x tile of 16 * kVectors rows: kSets independent sets

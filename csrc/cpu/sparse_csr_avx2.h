@@ -26,29 +26,20 @@ inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
 // spare entries), so a typical 90%-sparse segment (~26 entries) costs no data-dependent branch.
 template <int kShift = 0>
 SPARSEQ_AVX2 inline void expand_columns(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1, int32_t* columns) {
-  const int32_t* ptr = p.seg_ptr + n * p.segments;
-  const int64_t start = ptr[s0];
-  for (int64_t s = s0; s < s1; ++s) {
-    const __m256i base = _mm256_set1_epi32(static_cast<int32_t>(s * kCsrSegment));
-    const int64_t count = ptr[s + 1] - ptr[s];
-    int32_t* out = columns + (ptr[s] - start);
-    int64_t i = 0;
-    do {
-      const int64_t e = ptr[s] + i;
-      alignas(32) uint8_t tail[32] = {};
-      const uint8_t* src = p.col_offsets + e;
-      if (e + 32 > p.nnz) {  // only near the end of the arrays
-        for (int64_t j = 0; e + j < p.nnz; ++j) tail[j] = p.col_offsets[e + j];
-        src = tail;
-      }
-      for (int q = 0; q < 4; ++q) {
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * q),
-                            _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base), kShift));
-      }
-      i += 32;
-    } while (i < count);
-  }
+  for_segment_steps<32>(p, n, s0, s1, columns, [&](int32_t* out, int64_t e, int32_t first_column) SPARSEQ_AVX2 {
+    const __m256i base = _mm256_set1_epi32(first_column);
+    alignas(32) uint8_t tail[32] = {};
+    const uint8_t* src = p.col_offsets + e;
+    if (e + 32 > p.nnz) {  // only near the end of the arrays
+      for (int64_t j = 0; e + j < p.nnz; ++j) tail[j] = p.col_offsets[e + j];
+      src = tail;
+    }
+    for (int q = 0; q < 4; ++q) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * q));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * q),
+                          _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtepu8_epi32(bytes), base), kShift));
+    }
+  });
 }
 
 // Prefetches the values and offsets of row n's segments [s0, s1) (the tile kernels' K-block walk

@@ -70,6 +70,29 @@ inline int64_t sparse24_k_pad(int64_t groups) { return (groups + 3) / 4 * 16; }
 // A segment of a well-formed layout holds at most 256 entries (strictly increasing offsets).
 constexpr int64_t kMaxSegmentEntries = 256;
 
+// The segment walk of the column expansions (avx2:: and avx512::expand_columns): calls
+// widen(out, e, first_column) for row n's segments [s0, s1), kStep entries at a time from each
+// segment's first entry e, out pointing at entry e's place in columns[0 ..) (the row's entries
+// from segment s0 on). Every segment takes at least one step, so one without entries costs no
+// branch; a step's excess lanes are overwritten by the next segment or fall into the caller's
+// spare entries. Always inlined, so that widen inlines into the caller's ISA.
+template <int kStep, class Widen>
+inline __attribute__((always_inline)) void for_segment_steps(const CsrProblem& p, int64_t n, int64_t s0, int64_t s1,
+                                                             int32_t* columns, const Widen& widen) {
+  const int32_t* ptr = p.seg_ptr + n * p.segments;
+  const int64_t start = ptr[s0];
+  for (int64_t s = s0; s < s1; ++s) {
+    const int32_t first_column = static_cast<int32_t>(s * kCsrSegment);
+    const int64_t first = ptr[s], count = ptr[s + 1] - first;
+    int32_t* out = columns + (first - start);
+    int64_t i = 0;
+    do {
+      widen(out + i, first + i, first_column);
+      i += kStep;
+    } while (i < count);
+  }
+}
+
 // Up to this many rows of x the decode kernels (x_rows) run; above it the tile kernels (x_tiles).
 constexpr int64_t kCsrDecodeMaxRows = 1;
 constexpr int64_t kSparse24DecodeMaxRows = 4;
