@@ -52,10 +52,10 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
 
   parallel_rows(n, [&](int64_t n0, int64_t n1) {
     if (tiles) {
-      std::vector<float> partial((n1 - n0) * max_width), values_f32(kTileValueScratch);
       const auto tile_rows = use_avx512 ? sparse24_tile_rows_avx512 : sparse24_tile_rows_avx2;
+      const TileScratch scratch(n1 - n0, m, max_width, kTileValueScratch);
       for_each_tile(m, max_width, [&](int64_t m0, int64_t width) {
-        tile_rows(p, m0, width, n0, n1, partial.data(), values_f32.data());
+        tile_rows(p, m0, width, n0, n1, scratch.partial.get(), scratch.values_f32.get());
       });
     } else if (use_avx2) {
       sparse24_decode_rows_avx2(p, n0, n1);

@@ -63,11 +63,12 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& seg_ptr,
       if (!tiles)
         return use_avx512 ? csr_decode_rows_avx512(p, n0, n1, columns.data())
                           : csr_decode_rows_avx2(p, n0, n1, columns.data());
-      std::vector<float> partial((n1 - n0) * max_width), values_f32(p.x.k_pad);
       bool chunk_ok = true;
+      const TileScratch scratch(n1 - n0, m, max_width, p.x.k_pad);
       for_each_tile(m, max_width, [&](int64_t m0, int64_t width) {
         const auto tile_rows = use_avx512 ? csr_tile_rows_avx512 : csr_tile_rows_avx2;
-        chunk_ok = chunk_ok && tile_rows(p, m0, width, n0, n1, partial.data(), columns.data(), values_f32.data());
+        chunk_ok = chunk_ok &&
+                   tile_rows(p, m0, width, n0, n1, scratch.partial.get(), columns.data(), scratch.values_f32.get());
       });
       return chunk_ok;
     });
