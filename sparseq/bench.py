@@ -38,7 +38,7 @@ QUICK_KN = ((4096, 4096),)
 FULL_REPEATS, QUICK_REPEATS = 15, 5
 FULL_WARMUP, QUICK_WARMUP = 3, 2
 CUDA_CALLS_PER_SAMPLE = 20
-MAX_COLD_COPIES = 256
+MAX_COLD_COPIES = 1024
 
 FP32 = "fp32 nn.Linear"
 BF16 = "bf16 nn.Linear"
@@ -261,11 +261,54 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return max(sizes, default=32 << 20)
 
 
-def cold_copies(k: int, n: int, device: torch.device) -> int:
-    """How many copies of a K x N weight, at one byte per element (the smallest format timed),
-    add up to twice the last-level cache; at most MAX_COLD_COPIES, which bounds the set-up
-    for toy shapes."""
-    return min(MAX_COLD_COPIES, max(2, math.ceil(2 * last_level_cache_bytes(device) / (k * n))))
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors a module holds: its state (torch's packed int8 weights included) and
+    tensors kept as plain attributes (a CSR weight)."""
+    def tensor_bytes(value) -> int:
+        if isinstance(value, (tuple, list)):
+            return sum(map(tensor_bytes, value))
+        if not isinstance(value, torch.Tensor):
+            return 0
+        if value.layout == torch.sparse_csr:
+            return tensor_bytes((value.crow_indices(), value.col_indices(), value.values()))
+        return value.numel() * value.element_size()
+
+    attributes = (value for sub in module.modules() for value in vars(sub).values())
+    return tensor_bytes(list(module.state_dict().values())) + tensor_bytes(
+        [value for value in attributes if isinstance(value, torch.Tensor)])
+
+
+def cold_copies(module: nn.Module, device: torch.device) -> int:
+    """How many copies of module add up to twice the last-level cache, counted in its own bytes
+    (an fp32 weight needs a quarter of the copies of its int8 twin); at most MAX_COLD_COPIES,
+    which bounds the set-up for toy shapes."""
+    return min(MAX_COLD_COPIES, max(2, math.ceil(2 * last_level_cache_bytes(device) / max(1, held_bytes(module)))))
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """Free device memory, or MemAvailable of /proc/meminfo on the CPU (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_cold_fits(columns: int, device: torch.device) -> None:
+    """Raise before building cold copies that would not fit: each of ``columns`` cycles through
+    about twice the last-level cache (on a host with a 480 MiB L3, about 1 GiB per column)."""
+    needed = columns * 2 * last_level_cache_bytes(device)
+    available = available_memory_bytes(device)
+    if available is not None and needed > 0.8 * available:
+        raise MemoryError(
+            f"--cold needs about {needed / 2**30:.1f} GiB on {device.type} ({columns} timed columns, each "
+            f"cycling through twice the {last_level_cache_bytes(device) / 2**20:.0f} MiB last-level cache) "
+            f"but {available / 2**30:.1f} GiB is available; time hot weights (without --cold) on this machine")
 
 
 def weight_rotation(module: torch.nn.Module, copies: int) -> Iterator[torch.nn.Module]:
@@ -302,20 +345,22 @@ def bench_int8(m_values: Sequence[int] = FULL_M, kn_values: Sequence[Tuple[int, 
         for k, n in kn_values:
             linear = nn.Linear(k, n, device=device)
             cands, cand_notes = candidates(linear, device, allow_reference)
-            copies = cold_copies(k, n, device) if cold else 1
-            rotations = [weight_rotation(c.module, copies) for c in cands]
+            if cold:
+                check_cold_fits(len(cands), device)
+            copies = [cold_copies(c.module, device) if cold else 1 for c in cands]
+            rotations = [weight_rotation(c.module, count) for c, count in zip(cands, copies)]
             notes += [note for note in cand_notes if note not in notes]
             for m in m_values:
                 x = torch.randn(m, k, device=device)
                 baseline_ms: Dict[str, float] = {}
-                for cand, turn in zip(cands, rotations):
+                for cand, turn, count in zip(cands, rotations, copies):
                     xc = x.to(cand.dtype)
                     ms = median_ms(lambda: next(turn)(xc), device, warmup, repeats)
                     if cand.name in BASELINES:
                         baseline_ms[cand.name] = ms
                     rows.append({"M": m, "K": k, "N": n, "impl": cand.name, "backend": cand.backend,
                                  "dtype": str(cand.dtype).replace("torch.", ""), "ms": ms,
-                                 "weight_copies": copies})
+                                 "weight_copies": count})
                 for row in rows[-len(cands):]:
                     for base, base_ms in baseline_ms.items():
                         row[_speedup_key(base)] = base_ms / row["ms"]

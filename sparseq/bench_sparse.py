@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .bench import (_num_threads, _torch_dynamic_int8, cold_copies, machine_info, median_ms, pyplot,
-                    time_interleaved, weight_rotation)
+from .bench import (_num_threads, _torch_dynamic_int8, check_cold_fits, cold_copies, machine_info, median_ms,
+                    pyplot, time_interleaved, weight_rotation)
 from .nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 PATTERNS = ("unstructured", "2:4", "block")
@@ -143,7 +143,6 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with _num_threads(threads), torch.no_grad():
         for k, n in kn_values:
-            copies = cold_copies(k, n, device) if cold else 1
             dense = nn.Linear(k, n)
             dense_modules = {FP32: copy.deepcopy(dense).to(device, dtype)}
             if sparseq_columns:
@@ -154,9 +153,14 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                     dense_modules[TORCH_INT8] = torch_int8
                 elif why_not not in notes:
                     notes.append(why_not)
+            if cold:
+                check_cold_fits(len(dense_modules) + (4 if sparseq_columns else 1), device)  # + torch CSR, sparseq x3
+            copies = {name: cold_copies(module, device) if cold else 1 for name, module in dense_modules.items()}
             # Built once per shape: cold, they are tens of copies of the dense weights.
-            dense_rotations = {name: weight_rotation(module, copies) for name, module in dense_modules.items()}
+            dense_rotations = {name: weight_rotation(module, copies[name]) for name, module in dense_modules.items()}
             for pattern, sparsity in itertools.product(patterns, sparsities):
+                # Cold, the last pattern's copies go before this one's are built.
+                modules = rotations = fns = None
                 if pattern == "2:4" and sparsity != 0.5:
                     continue
                 pruned = copy.deepcopy(dense)
@@ -172,7 +176,8 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                                                                       block=fmt_block).to(device)
                     modules[SPARSE_W8A8] = SparseInt8Linear.from_dense(pruned, act_bits=8).to(device)
                 rotations = dict(dense_rotations)
-                rotations.update({name: weight_rotation(module, copies) for name, module in modules.items()})
+                copies.update({name: cold_copies(module, device) if cold else 1 for name, module in modules.items()})
+                rotations.update({name: weight_rotation(module, copies[name]) for name, module in modules.items()})
                 for m in m_values:
                     if progress is not None:
                         progress(f"K={k} N={n} {pattern} {measured:.0%} M={m}")
@@ -182,7 +187,8 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                            for name, turn in rotations.items()}
                     ms = interleaved_median_ms(fns, warmup, repeats, device)
                     row = {"K": k, "N": n, "pattern": pattern, "block": list(fmt_block) if fmt_block else None,
-                           "sparsity": round(measured, 4), "M": m, "weight_copies": copies}
+                           "sparsity": round(measured, 4), "M": m,
+                           "weight_copies": {name: copies[name] for name in rotations}}
                     if SPARSE_W8A8 in modules:  # "auto" picks it by pattern and CPU
                         row[f"{SPARSE_W8A8}_format"] = modules[SPARSE_W8A8].format
                     row.update({f"{name}_ms": ms[name] for name in COLUMNS if name in ms})

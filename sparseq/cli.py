@@ -473,8 +473,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
-# Errors that mean bad input (files, recipes, data), not a bug: a message, not a traceback.
-_INPUT_ERRORS = (ValueError, OSError, ImportError)
+# Errors that mean bad input (files, recipes, data) or a machine too small for the request, not
+# a bug: a message, not a traceback.
+_INPUT_ERRORS = (ValueError, OSError, ImportError, MemoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

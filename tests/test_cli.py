@@ -2,6 +2,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import shutil
 
 import pytest
@@ -93,12 +94,47 @@ def test_bench_without_kernels_leaves_sparseq_rows_out_unless_asked(tiny_quick_b
 
 
 def test_bench_cold_cycles_through_weight_copies(tiny_quick_bench, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 64 * 48 * 2)  # -> 4 copies
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 64 * 48 * 8)
     path = tmp_path / "cold.json"
     assert main(["bench", "int8", "--quick", "--cold", "--allow-reference", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["settings"]["weights"] == "cold"
-    assert {row["weight_copies"] for row in result["rows"]} == {4}
+    # Each column cycles through twice the "cache" in its own bytes: 12.5 KB of fp32 -> 4 copies.
+    copies = {row["impl"]: row["weight_copies"] for row in result["rows"]}
+    assert copies[bench.FP32] == 4
+    assert all(count > 4 for impl, count in copies.items() if "int8" in impl.lower()), copies
+
+
+def test_cold_copies_count_each_modules_own_bytes(monkeypatch):
+    from sparseq import bench_sparse
+
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 1 << 20)
+    cpu = torch.device("cpu")
+    linear = torch.nn.Linear(256, 128)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(128, 256) > 0.9)
+    nnz = int((linear.weight != 0).sum())
+    assert bench.held_bytes(linear) == (256 * 128 + 128) * 4
+    # torch's CSR weight is a plain attribute, not state: its three arrays still count.
+    assert bench.held_bytes(bench_sparse.TorchCSRLinear(linear)) == 129 * 8 + nnz * (8 + 4) + 128 * 4
+    torch_int8, why_not = bench._torch_dynamic_int8(linear)
+    if torch_int8 is not None:  # torch's packed int8 weight is counted through its state
+        assert 256 * 128 <= bench.held_bytes(torch_int8) < 256 * 128 * 2
+    assert bench.cold_copies(linear, cpu) == math.ceil(2 * (1 << 20) / ((256 * 128 + 128) * 4))
+    assert bench.cold_copies(torch.nn.Linear(2048, 2048), cpu) == 2  # never fewer than two
+    assert bench.cold_copies(torch.nn.Linear(2, 2), cpu) == bench.MAX_COLD_COPIES
+
+
+def test_cold_refuses_what_memory_cannot_hold(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 1 << 30)
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda device: 4 << 30)
+    with pytest.raises(MemoryError, match=r"--cold needs about 14.0 GiB on cpu \(7 timed columns"):
+        bench.check_cold_fits(7, torch.device("cpu"))
+    bench.check_cold_fits(1, torch.device("cpu"))
+    argv = ["bench", "sparse", "--m", "1", "--kn", "64x48", "--sparsity", "0.9", "--pattern", "unstructured",
+            "--repeats", "1", "--allow-reference", "--no-progress", "--cold"]
+    assert main(argv) == 2
+    assert "sparseq bench sparse: error: --cold needs about" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,14 +179,18 @@ def test_bench_sparse_rows_cover_the_grid(capsys):
 def test_bench_sparse_cold_cycles_through_weight_copies(monkeypatch, tmp_path):
     from sparseq import bench_sparse
 
-    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 64 * 48 * 2)  # -> 4 copies
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: 64 * 48 * 8)
     path = tmp_path / "cold.json"
     argv = ["bench", "sparse", "--m", "1", "--kn", "64x48", "--sparsity", "0.9", "--pattern", "unstructured",
             "--repeats", "1", "--allow-reference", "--no-progress", "--cold", "--json", str(path)]
     assert main(argv) == 0
     result = json.loads(path.read_text())
     assert result["settings"]["weights"].startswith("cold")
-    assert [row["weight_copies"] for row in result["rows"]] == [4]
+    [copies] = [row["weight_copies"] for row in result["rows"]]
+    timed = {name[:-len("_ms")] for name in result["rows"][0] if name.endswith("_ms")}
+    assert set(copies) == timed
+    # 12.5 KB of fp32 against a 24 KB "cache": 4 copies; the 90%-sparse layers need more.
+    assert copies[bench_sparse.FP32] == 4 and copies[bench_sparse.SPARSE] > 4
     # Each copy is its own module with its own weight, computing the same thing (torch's CSR
     # tensors included, which copy.deepcopy cannot copy by itself).
     linear = torch.nn.Linear(64, 48)
