@@ -49,6 +49,7 @@ SPARSE = "sparse"
 SPARSE_INT8 = "sparse_int8"
 SPARSE_W8A8 = "sparse_w8a8"
 COLUMNS = (FP32, TORCH_CSR, INT8_DENSE, TORCH_INT8, SPARSE, SPARSE_INT8, SPARSE_W8A8)
+SPARSEQ_PATTERN_COLUMNS = (SPARSE, SPARSE_INT8, SPARSE_W8A8)  # built for each pattern, beside TORCH_CSR
 # (kernel, baseline) pairs whose ratio baseline_ms / kernel_ms each row reports.
 RATIOS = ((SPARSE, FP32), (SPARSE, TORCH_CSR), (SPARSE, INT8_DENSE), (SPARSE_INT8, TORCH_INT8),
           (SPARSE_INT8, FP32), (SPARSE_W8A8, TORCH_INT8), (SPARSE_W8A8, INT8_DENSE))
@@ -154,7 +155,8 @@ def bench_sparse(sparsities: Sequence[float] = FULL_SPARSITIES, patterns: Sequen
                 elif why_not not in notes:
                     notes.append(why_not)
             if cold:
-                check_cold_fits(len(dense_modules) + (4 if sparseq_columns else 1), device)  # + torch CSR, sparseq x3
+                pattern_columns = 1 + (len(SPARSEQ_PATTERN_COLUMNS) if sparseq_columns else 0)
+                check_cold_fits(len(dense_modules) + pattern_columns, device)
             copies = {name: cold_copies(module, device) if cold else 1 for name, module in dense_modules.items()}
             # Built once per shape: cold, they are tens of copies of the dense weights.
             dense_rotations = {name: weight_rotation(module, copies[name]) for name, module in dense_modules.items()}
