@@ -302,12 +302,13 @@ def available_memory_bytes(device: torch.device) -> Optional[int]:
 def check_cold_fits(columns: int, device: torch.device) -> None:
     """Raise before building cold copies that would not fit: each of ``columns`` cycles through
     about twice the last-level cache (on a host with a 480 MiB L3, about 1 GiB per column)."""
-    needed = columns * 2 * last_level_cache_bytes(device)
+    cache = last_level_cache_bytes(device)
+    needed = columns * 2 * cache
     available = available_memory_bytes(device)
     if available is not None and needed > 0.8 * available:
         raise MemoryError(
             f"--cold needs about {needed / 2**30:.1f} GiB on {device.type} ({columns} timed columns, each "
-            f"cycling through twice the {last_level_cache_bytes(device) / 2**20:.0f} MiB last-level cache) "
+            f"cycling through twice the {cache / 2**20:.0f} MiB last-level cache) "
             f"but {available / 2**30:.1f} GiB is available; time hot weights (without --cold) on this machine")
 
 
